@@ -98,7 +98,7 @@ class TrialResult:
             "symbol_accuracy": final["symbol_accuracy"],
             "majority_rate": final["majority_rate"],
             "distinct_symbols": int(final["distinct_symbols"]),
-            "pred_std_ratio": final["pred_std_ratio"],
+            "pred_std_ratio": None if math.isnan(final["pred_std_ratio"]) else final["pred_std_ratio"],
             "verdict": self.verdict,
             "escape_epoch": self.escape_epoch,
             "diverged_step": self.diverged_step,

@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine: `make sweep` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SWEEP ?= sweeps/plateau.yaml
+
+.PHONY: sweep test test-slow lint report ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+sweep: $(STAMP)
+	$(BIN)/lstm-sweep run $(SWEEP)
+	$(BIN)/lstm-sweep report $(SWEEP)
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+ui: $(STAMP)
+	$(BIN)/lstm-sweep ui
+
+clean:
+	rm -rf $(VENV) results/*/ results/mlflow.db

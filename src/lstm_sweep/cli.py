@@ -1,0 +1,254 @@
+"""The `lstm-sweep` command. Usage errors print one line and exit 2; no traceback reaches the user."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from lstm_sweep.config import FACTORS, SETTINGS, Factor
+from lstm_sweep.errors import ConfigError, LstmSweepError
+
+USAGE_ERROR = 2
+
+
+def _quiet_tensorflow() -> None:
+    """TF's C++ start-up chatter would drown the seed's three report lines."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _click_type(factor: Factor) -> Any:
+    if factor.kind == "choice":
+        return click.Choice(factor.choices)
+    if factor.kind == "int":
+        return int
+    if factor.kind == "float":
+        return float
+    return bool
+
+
+def factor_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per factor and per data setting, named after it with dashes; unset options keep the default."""
+    from lstm_sweep.config import SEED_CONFIG
+
+    for name, factor in reversed([*FACTORS.items(), *SETTINGS.items()]):
+        default = getattr(SEED_CONFIG, name)
+        flag = "--" + name.replace("_", "-")
+        if factor.kind == "bool":
+            func = click.option(
+                f"{flag}/--no-{flag[2:]}", name, default=None, help=f"{factor.help} [default: {default}]"
+            )(func)
+        else:
+            func = click.option(
+                flag, name, type=_click_type(factor), default=None, help=f"{factor.help} [default: {default}]"
+            )(func)
+    return click.option("--text-path", "text_path", default=None, help="text file for --task text")(func)
+
+
+def _overrides(options: dict[str, Any]) -> dict[str, Any]:
+    names = {*FACTORS, *SETTINGS, "text_path"}
+    return {k: v for k, v in options.items() if k in names and v is not None}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lstm-sweep")
+def cli() -> None:
+    """Find out why a small LSTM sits at the mean-prediction plateau, and what gets it out."""
+
+
+@cli.command()
+@factor_options
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the report lines")
+def seed(as_json: bool, **options: Any) -> None:
+    """Train the seed configuration (or a variant of it) and print Loss / Actual / Pred and the verdict.
+
+    Defaults reproduce DESIGN.md's story: raw ord() codes in and out, sequences of length 1 from a zero state,
+    MSE on a U(-1,1) readout, momentum SGD 1e-3 / 0.9 with the seed's gradient noise.
+    """
+    from lstm_sweep.config import SEED_CONFIG
+
+    config = SEED_CONFIG.replace(**_overrides(options))
+    _quiet_tensorflow()
+    from lstm_sweep.train import train
+
+    result = train(config)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(_json_safe(summary), sort_keys=True))
+        return
+    click.echo(f"Loss: {summary['loss']:.4f}")
+    click.echo(f"Actual: {summary['actual']}")
+    click.echo(f"Pred: {summary['pred']}")
+    where = f" at epoch {result.escape_epoch}" if result.escape_epoch else ""
+    if result.diverged_step is not None:
+        where = f" at step {result.diverged_step}"
+    click.echo(
+        f"Verdict: {result.verdict}{where} (baseline {summary['baseline_loss']:.4f}, skill {summary['skill']:.4f}, "
+        f"symbol accuracy {summary['symbol_accuracy']:.3f}, {summary['distinct_symbols']} distinct symbols, "
+        f"{summary['seconds']:.1f} s)"
+    )
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+def validate(sweep_file: str) -> None:
+    """Check a sweep file and print the resolved spec: factors, roles, configurations and runs."""
+    from lstm_sweep.spec import load_sweep
+
+    spec = load_sweep(sweep_file)
+    click.echo(_describe(spec))
+
+
+def _describe(spec: Any) -> str:
+    d = spec.to_dict()
+    lines = [f"sweep {spec.name}: {spec.description}".rstrip(": ")]
+    lines.append(f"  sampler {spec.sampler}, seed {spec.seed}, replicates {spec.replicates}")
+    for name, f in d["factors"].items():
+        domain = f.get("values", f.get("value"))
+        if domain is None:
+            domain = f"[{f['low']}, {f['high']}]" + (" log" if f.get("log") else "") + (
+                f" step {f['step']}" if f.get("step") else ""
+            )
+        lines.append(f"  {f['role']:<10} {name:<20} {domain}")
+    for name, value in d.get("fixed", {}).items():
+        lines.append(f"  {'fixed':<10} {name:<20} {value}")
+    what = "grid configurations" if spec.sampler == "grid" else "trials"
+    lines.append(f"  {spec.n_configs()} {what} x {spec.replicates} replicates = {spec.n_runs()} training runs")
+    lines.append(f"  storage {d['storage']}, tracking {d['tracking_uri']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="stop after this many trials in all")
+@click.option("--storage", default=None, help="Optuna storage URL [default: the sweep file's, or SQLite in results/]")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
+@click.option("--no-tracking", is_flag=True, help="do not log to MLflow (Optuna storage only)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def run(
+    sweep_file: str, trials: int | None, storage: str | None, tracking_uri: str | None, no_tracking: bool, quiet: bool
+) -> None:
+    """Run (or continue) a sweep: one Optuna trial per configuration, one MLflow run per replicate."""
+    from pathlib import Path
+
+    from lstm_sweep.spec import load_sweep, mask_url
+
+    spec = load_sweep(sweep_file)
+    _quiet_tensorflow()
+    from lstm_sweep.driver import planned_trials, run_sweep
+    from lstm_sweep.progress import SweepProgress
+    from lstm_sweep.tracking import SweepTracker
+
+    storage_url = storage or spec.storage
+    uri = tracking_uri or spec.tracking_uri
+    sinks = []
+    tracker = None
+    if not no_tracking:
+        tracker = SweepTracker(uri, spec.name)
+        tracker.start_sweep(spec.to_dict(), Path(sweep_file).read_text(encoding="utf-8"))
+        sinks.append(tracker)
+    total = planned_trials(spec, trials)
+    click.echo(
+        f"sweep {spec.name}: {total} trials x {spec.replicates} replicates, storage {mask_url(storage_url)}"
+        + ("" if no_tracking else f", tracking {mask_url(uri)}")
+    )
+    status = "FINISHED"
+    try:
+        with SweepProgress(total, enabled=not quiet) as progress:
+            outcome = run_sweep(spec, storage_url=storage_url, trials=trials, sinks=sinks, on_trial=progress.update)
+        if outcome.interrupted:
+            status = "KILLED"
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.end_sweep(status)
+    rec = outcome.recovery
+    if rec.failed_stale:
+        click.echo(f"recovered {len(rec.failed_stale)} interrupted trial(s): {rec.failed_stale}")
+    verdicts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.verdicts.items())) or "none"
+    click.echo(f"trained {outcome.trained} trial(s) this run ({verdicts}); {outcome.failed} failed")
+    if outcome.interrupted:
+        click.echo("interrupted: run the same command again to continue")
+        raise click.exceptions.Exit(130)
+
+
+@cli.command()
+@click.argument("sweep", required=False, default=None)
+@click.option("--storage", default=None, help="Optuna storage URL (when SWEEP is a name)")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[default: results/<sweep>/]")
+@click.option("--tracking-uri", default=None, help="MLflow store to attach the report to")
+def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking_uri: str | None) -> None:
+    """Write the analysis of a sweep (a sweep file or a study name) to results/<sweep>/."""
+    from lstm_sweep.reporting import make_report
+
+    paths = make_report(sweep or "sweeps/plateau.yaml", storage=storage, out_dir=out_dir, tracking_uri=tracking_uri)
+    click.echo(f"report written: {paths[0]}" + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else ""))
+
+
+@cli.command()
+@click.option("--tracking-uri", default=None, help="[default: sqlite:///results/mlflow.db]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; keep loopback unless you mean it")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(tracking_uri: str | None, host: str, port: int) -> None:
+    """Serve the MLflow UI for the sweep store (127.0.0.1 only by default)."""
+    import subprocess
+
+    from lstm_sweep.tracking import DEFAULT_TRACKING_URI, artifact_root_for, ensure_local_store
+
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    ensure_local_store(uri)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    root = artifact_root_for(uri)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    try:
+        subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no inf/nan: those become strings so the output stays parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the group, turning our errors and click usage errors into one line and exit 2."""
+    try:
+        cli.main(args=argv, prog_name="lstm-sweep", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code)
+    except click.exceptions.Abort:
+        click.echo("lstm-sweep: interrupted", err=True)
+        return 130
+    except click.UsageError as err:
+        command = f" {err.ctx.command_path.split(' ', 1)[-1]}" if err.ctx and " " in err.ctx.command_path else ""
+        click.echo(f"lstm-sweep{command}: {err.format_message()} (see --help)", err=True)
+        return USAGE_ERROR
+    except click.ClickException as err:
+        click.echo(f"lstm-sweep: {err.format_message()}", err=True)
+        return USAGE_ERROR
+    except LstmSweepError as err:
+        for line in str(err).splitlines() or [err.__class__.__name__]:
+            click.echo(f"lstm-sweep: {line}", err=True)
+        return USAGE_ERROR if isinstance(err, ConfigError) or getattr(err, "usage", False) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

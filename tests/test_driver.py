@@ -1,0 +1,167 @@
+"""End to end: a tiny sweep through the CLI into Optuna and MLflow, a second run, and a killed run resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from lstm_sweep.cli import main
+
+TINY = """
+name: {name}
+sampler: grid
+replicates: 2
+fixed:
+  task: cycle
+  epochs: {epochs}
+  stream_length: 240
+  batch_size: 8
+  state_size: 4
+  output_framing: classification
+factors:
+  learning_rate:
+    role: nuisance
+    values: [0.01, 0.1]
+  input_encoding:
+    values: [raw, onehot]
+  momentum:
+    values: {momenta}
+"""
+
+
+def write_sweep(tmp_path: Path, name: str, epochs: int = 2, momenta: str = "[0.9]") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, epochs=epochs, momenta=momenta))
+    return path
+
+
+def stores(tmp_path: Path) -> tuple[str, str]:
+    return f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def run_args(sweep: Path, tmp_path: Path) -> list[str]:
+    storage, tracking = stores(tmp_path)
+    return ["run", str(sweep), "--storage", storage, "--tracking-uri", tracking, "--quiet"]
+
+
+def child_runs(tracking: str, name: str) -> tuple[list, list]:
+    client = MlflowClient(tracking_uri=tracking)
+    exp = client.get_experiment_by_name(name)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("lstm_sweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("lstm_sweep.role") == "trial"]
+    return parents, children
+
+
+def test_tiny_sweep_end_to_end_and_second_run_trains_nothing(tmp_path, capsys):
+    sweep = write_sweep(tmp_path, "tiny")
+    storage, tracking = stores(tmp_path)
+    assert main(run_args(sweep, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "trained 4 trial(s)" in out
+
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == len(study.trials) == 4
+    cells = {(t.params["learning_rate"], t.params["input_encoding"]) for t in complete}
+    assert cells == {(lr, enc) for lr in (0.01, 0.1) for enc in ("raw", "onehot")}
+    for t in complete:
+        reps = t.user_attrs["replicates"]
+        assert [r["replicate"] for r in reps] == [0, 1]
+        assert t.value == pytest.approx(sum(max(-1.0, r["skill"]) for r in reps) / 2)
+        assert all(len(r["curve"]["skill"]) == 2 for r in reps)
+    assert study.user_attrs["sweep"]["name"] == "tiny"
+
+    parents, children = child_runs(tracking, "tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 8
+    client = MlflowClient(tracking_uri=tracking)
+    for run in children:
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert {"trial_number", "config_id", "replicate", "verdict", "escape_epoch"} <= tags.keys()
+        assert tags["verdict"] in {"escaped", "partial", "plateau", "diverged"}
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert sorted(m.step for m in history) == [1, 2]
+        assert run.info.status == "FINISHED"
+    run_ids = {r["mlflow_run_id"] for t in complete for r in t.user_attrs["replicates"]}
+    assert run_ids == {r.info.run_id for r in children}
+    artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert {"sample.txt", "curves.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"sweep.yaml", "sweep.json"}
+
+    # A second run of a finished grid trains nothing and adds no runs.
+    assert main(run_args(sweep, tmp_path)) == 0
+    assert "trained 0 trial(s)" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 4
+    assert len(child_runs(tracking, "tiny")[1]) == 8
+
+
+def test_bad_sweep_file_writes_nothing(tmp_path, capsys):
+    sweep = tmp_path / "bad.yaml"
+    sweep.write_text(TINY.format(name="bad", epochs=2, momenta="[1.5]"))
+    code = main(run_args(sweep, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bad.yaml" in err and "factors.momentum" in err and "Traceback" not in err
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_changed_sweep_definition_is_refused(tmp_path, capsys):
+    sweep = write_sweep(tmp_path, "changing", epochs=1)
+    assert main([*run_args(sweep, tmp_path), "--trials", "1", "--no-tracking"]) == 0
+    sweep.write_text(TINY.format(name="changing", epochs=3, momenta="[0.9]"))
+    assert main([*run_args(sweep, tmp_path), "--no-tracking"]) == 2
+    assert "different sweep definition" in capsys.readouterr().err
+
+
+def test_killed_sweep_resumes_with_every_cell_done_once(tmp_path):
+    """SIGKILL the sweep after its first trial; the next run completes every grid cell exactly once."""
+    sweep = write_sweep(tmp_path, "killed", epochs=6, momenta="[0.0, 0.5, 0.9]")  # 12 cells
+    storage, tracking = stores(tmp_path)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cmd = [sys.executable, "-m", "lstm_sweep.cli", *run_args(sweep, tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    completed = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name="killed", storage=storage)
+                completed = len(study.get_trials(states=(TrialState.COMPLETE,)))
+            except Exception:  # the database may not exist yet
+                continue
+            if completed >= 2:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert 2 <= completed < 12, "the sweep should have been killed part-way"
+    killed = optuna.load_study(study_name="killed", storage=storage)
+    assert any(t.state == TrialState.RUNNING for t in killed.trials)
+
+    assert main(run_args(sweep, tmp_path)) == 0
+    study = optuna.load_study(study_name="killed", storage=storage)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    cells = Counter((t.params["learning_rate"], t.params["input_encoding"], t.params["momentum"]) for t in complete)
+    assert len(cells) == 12 and set(cells.values()) == {1}
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+    _, children = child_runs(tracking, "killed")
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == 12 * 2
+    complete_numbers = {str(t.number) for t in complete}
+    assert {r.data.tags["trial_number"] for r in finished} == complete_numbers
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
