@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -195,7 +196,7 @@ def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking
 
 @cli.command()
 @click.option("--tracking-uri", default=None, help="[default: sqlite:///results/mlflow.db]")
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; keep loopback unless you mean it")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; loopback unless you mean it")
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
     """Serve the MLflow UI for the sweep store (127.0.0.1 only by default)."""
@@ -210,10 +211,8 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     if root:
         cmd += ["--default-artifact-root", root]
     click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(cmd, check=False)
-    except KeyboardInterrupt:
-        pass
 
 
 def _json_safe(value: Any) -> Any:

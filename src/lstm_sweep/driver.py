@@ -11,11 +11,14 @@ or FAIL without an error (interrupted) is retried by enqueueing its parameters a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import queue
 import socket
+import threading
 import traceback
 import warnings
 from collections import Counter
@@ -29,7 +32,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.spec import SweepSpec, mask_url
-from lstm_sweep.train import TrialResult, train_population
+from lstm_sweep.train import TrialResult, layout_key, train_population
 
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
@@ -68,7 +71,7 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
         engine_kwargs=engine_kwargs,
         heartbeat_interval=HEARTBEAT_SECONDS,
         grace_period=GRACE_SECONDS,
-        failed_trial_callback=_retry_stale,
+        heartbeat_stale_trial_callback=_retry_stale,
     )
 
 
@@ -159,7 +162,10 @@ def recover(study: optuna.Study, spec: SweepSpec, limit: int | None) -> Recovery
     live = [t for t in trials if _is_done(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)]
     taken = {_params_key(_trial_params(t)) for t in live}
     if spec.sampler == "grid":
-        wanted = spec.grid_cells()[: limit if limit is not None else spec.trials]
+        cells = spec.grid_cells()[: limit if limit is not None else spec.trials]
+        # Queue cells that share a data layout next to each other, so a batch forms few, large populations.
+        order = {id(c): _layout_order(spec, c) for c in cells}
+        wanted = sorted(cells, key=lambda c: order[id(c)])
     else:
         retried = {t.user_attrs.get("retry_of") for t in trials}
         wanted = [
@@ -174,6 +180,10 @@ def recover(study: optuna.Study, spec: SweepSpec, limit: int | None) -> Recovery
             taken.add(key)
             rec.enqueued += 1
     return rec
+
+
+def _layout_order(spec: SweepSpec, cell: Mapping[str, Any]) -> str:
+    return json.dumps(layout_key(spec.config_for(cell, 0)), default=str)
 
 
 def _trial_params(t: FrozenTrial) -> dict[str, Any]:
@@ -217,40 +227,153 @@ def objective_value(results: Sequence[TrialResult]) -> float:
     return sum(max(SKILL_FLOOR, s) if math.isfinite(s) else SKILL_FLOOR for s in skills) / len(skills)
 
 
-def run_trial(
-    spec: SweepSpec, trial: Trial, sinks: Sequence[TrialSink] = ()
-) -> tuple[float, list[TrialResult]]:
-    """Propose-side already done: read the trial's params, train the replicates together, record the outcome."""
-    if spec.sampler == "grid" and "enqueued_by" not in trial.user_attrs:
-        trial.study.stop()
-        raise optuna.TrialPruned("grid queue empty: every cell is done or taken by another worker")
-    trial.set_user_attr("worker", worker_id())
-    params = spec.suggest(trial)
-    cid = config_id(params)
-    configs: list[TrialConfig] = [spec.config_for(params, r) for r in range(spec.replicates)]
-    trial.set_user_attr("config_id", cid)
-    trial.set_user_attr("config", configs[0].as_dict() | {"seed": None})
-    try:
-        results = train_population(configs, thresholds=spec.thresholds)
-    except Exception as err:
-        trial.set_user_attr("error", f"{err.__class__.__name__}: {mask_url(str(err))}"[:2000])
-        trial.set_user_attr("traceback", mask_url(traceback.format_exc())[-4000:])
-        raise
+BATCH_TRIALS = {"grid": 64, "random": 64, "qmc": 64, "tpe": 1}  # TPE learns from each result before the next
+
+
+@dataclass
+class Proposal:
+    """A trial Optuna proposed, resolved into the configurations of its replicates."""
+
+    trial: Trial
+    params: dict[str, Any]
+    config_id: str
+    configs: list[TrialConfig]
+
+
+def propose(study: optuna.Study, spec: SweepSpec, count: int) -> list[Proposal]:
+    """Ask Optuna for up to `count` trials (grid: only enqueued cells, so no cell is ever proposed twice)."""
+    proposals: list[Proposal] = []
+    for _ in range(count):
+        if spec.sampler == "grid" and not _has_waiting(study):
+            break
+        trial = study.ask()
+        if spec.sampler == "grid" and "enqueued_by" not in trial.user_attrs:
+            study.tell(trial, state=TrialState.PRUNED)  # another worker took the last queued cell
+            break
+        params = spec.suggest(trial)
+        cid = config_id(params)
+        configs = [spec.config_for(params, r) for r in range(spec.replicates)]
+        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("config_id", cid)
+        trial.set_user_attr("config", configs[0].as_dict() | {"seed": None})
+        proposals.append(Proposal(trial, params, cid, configs))
+    return proposals
+
+
+def group_by_layout(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
+    """Trials whose replicates share a data layout train together as one population."""
+    groups: dict[tuple[Any, ...], list[Proposal]] = {}
+    for p in proposals:
+        groups.setdefault(layout_key(p.configs[0]), []).append(p)
+    return list(groups.values())
+
+
+def train_group(spec: SweepSpec, group: Sequence[Proposal]) -> list[list[TrialResult]]:
+    """Train every replicate of every trial in the group as one population; results per trial."""
+    configs = [c for p in group for c in p.configs]
+    flat = train_population(configs, thresholds=spec.thresholds)
+    n = spec.replicates
+    return [flat[i * n : (i + 1) * n] for i in range(len(group))]
+
+
+def record_results(
+    proposal: Proposal, results: Sequence[TrialResult], sinks: Sequence[TrialSink]
+) -> float:
+    """Hand each replicate to the sinks (MLflow), keep the outcomes on the trial, return the objective."""
     records = []
     for r, result in enumerate(results):
         run_id = None
         for sink in sinks:
             run_id = sink.log_replicate(
                 result,
-                trial_number=trial.number,
-                config_id=cid,
+                trial_number=proposal.trial.number,
+                config_id=proposal.config_id,
                 replicate=r,
-                params=configs[r].as_dict(),
+                params=proposal.configs[r].as_dict(),
             ) or run_id
         records.append(replicate_record(result, r, run_id))
-    trial.set_user_attr("replicates", records)
-    trial.set_user_attr("verdicts", dict(Counter(r.verdict for r in results)))
-    return objective_value(results), results
+    proposal.trial.set_user_attr("replicates", records)
+    proposal.trial.set_user_attr("verdicts", dict(Counter(r.verdict for r in results)))
+    return objective_value(results)
+
+
+class _Heartbeat:
+    """Beats for every trial this worker holds, so others can tell it is alive (Optuna's stale-trial check)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.storage = study._storage
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="lstm-sweep-heartbeat")
+        self.enabled = isinstance(self.storage, optuna.storages.RDBStorage)
+
+    def __enter__(self) -> _Heartbeat:
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        if self.enabled:
+            self.thread.join(timeout=5)
+
+    def hold(self, trials: Sequence[Trial]) -> None:
+        with self.lock:
+            self.trial_ids = {t._trial_id for t in trials}
+        self._record()
+
+    def _record(self) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            ids = list(self.trial_ids)
+        for trial_id in ids:
+            with contextlib.suppress(Exception):  # a finished trial refuses heartbeats; nothing to do
+                self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+
+    def _beat(self) -> None:
+        while not self.stop_event.wait(HEARTBEAT_SECONDS):
+            self._record()
+
+
+class _Writer:
+    """One background thread that records finished groups (MLflow runs, trial attributes, tell) while the
+    next group trains, so tracking overlaps training instead of adding to it."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True, name="lstm-sweep-writer")
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    job()
+            except BaseException as err:  # surfaced to the main thread by drain()
+                self.error = err
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.raise_error()
+        self.queue.put(job)
+
+    def drain(self) -> None:
+        self.queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
 
 
 @dataclass
@@ -279,8 +402,13 @@ def run_sweep(
     trials: int | None = None,
     sinks: Sequence[TrialSink] = (),
     on_trial: ProgressHook | None = None,
+    batch_trials: int | None = None,
 ) -> SweepOutcome:
-    """Run (or continue) the sweep until its budget of trials is done."""
+    """Run (or continue) the sweep until its budget of trials is done.
+
+    Trials are proposed in batches, grouped by data layout, and each group trains as one population; a group's
+    results are recorded by a background writer while the next group trains.
+    """
     study = open_study(spec, storage_url)
     outcome = SweepOutcome(study=study)
     total = planned_trials(spec, trials)
@@ -289,45 +417,67 @@ def run_sweep(
         close = getattr(sink, "close_orphans", None)
         if close is not None and outcome.recovery.abandoned:
             close(outcome.recovery.abandoned)
+    batch = batch_trials or BATCH_TRIALS[spec.sampler]
+    verdict_counts: Counter[str] = Counter()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        verdict_counts.update(t.user_attrs.get("verdicts", {}))
+    counter_lock = threading.Lock()
 
     def done_count() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False) if _is_done(t))
 
-    verdict_counts: Counter[str] = Counter()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        verdict_counts.update(t.user_attrs.get("verdicts", {}))
+    def finish(proposal: Proposal, state: TrialState, value: float | None, verdicts: Sequence[str]) -> None:
+        frozen = study.tell(proposal.trial, value if state == TrialState.COMPLETE else None, state=state)
+        with counter_lock:
+            if state == TrialState.COMPLETE:
+                outcome.trained += 1
+                outcome.verdicts.update(verdicts)
+                verdict_counts.update(verdicts)
+            elif state == TrialState.FAIL:
+                outcome.failed += 1
+            if on_trial:
+                on_trial(frozen, verdict_counts, done_count(), total)
 
-    def objective(trial: Trial) -> float:
-        value, results = run_trial(spec, trial, sinks)
-        outcome.trained += 1
-        outcome.verdicts.update(r.verdict for r in results)
-        verdict_counts.update(r.verdict for r in results)
-        return value
+    def record_job(group: list[Proposal], results: list[list[TrialResult]]) -> Callable[[], None]:
+        def job() -> None:
+            for proposal, trial_results in zip(group, results, strict=True):
+                value = record_results(proposal, trial_results, sinks)
+                finish(proposal, TrialState.COMPLETE, value, [r.verdict for r in trial_results])
 
-    def after(study: optuna.Study, frozen: FrozenTrial) -> None:
-        if frozen.state == TrialState.FAIL:
-            outcome.failed += 1
-        finished = done_count()
-        if on_trial:
-            on_trial(frozen, verdict_counts, finished, total)
-        if finished >= total or (spec.sampler == "grid" and not _has_waiting(study)):
-            study.stop()
+        return job
 
-    remaining = total - done_count()
-    if remaining <= 0:
-        return outcome
-    if spec.sampler == "grid" and not _has_waiting(study):
-        return outcome
+    writer = _Writer()
+    in_flight: list[Proposal] = []
     try:
-        study.optimize(
-            objective,
-            n_trials=remaining + outcome.recovery.enqueued,
-            catch=(Exception,),
-            callbacks=[after],
-            gc_after_trial=False,
-        )
+        with _Heartbeat(study) as heartbeat:
+            while (remaining := total - done_count()) > 0:
+                in_flight = propose(study, spec, min(batch, remaining))
+                if not in_flight:
+                    break
+                heartbeat.hold([p.trial for p in in_flight])
+                for group in group_by_layout(in_flight):
+                    try:
+                        results = train_group(spec, group)
+                    except Exception as err:
+                        message = f"{err.__class__.__name__}: {mask_url(str(err))}"[:2000]
+                        for proposal in group:
+                            proposal.trial.set_user_attr("error", message)
+                            proposal.trial.set_user_attr("traceback", mask_url(traceback.format_exc())[-4000:])
+                            finish(proposal, TrialState.FAIL, None, [])
+                        continue
+                    writer.submit(record_job(group, results))
+                writer.drain()
+                in_flight = []
     except KeyboardInterrupt:
         outcome.interrupted = True
+        try:
+            writer.drain()  # keep what finished training
+        finally:
+            for proposal in in_flight:
+                if study._storage.get_trial(proposal.trial._trial_id).state == TrialState.RUNNING:
+                    study.tell(proposal.trial, state=TrialState.FAIL)  # no error attr: retried next run
+    finally:
+        writer.close()
     return outcome
 
 

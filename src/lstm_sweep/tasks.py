@@ -1,9 +1,11 @@
 """Sequence tasks, their encodings, and the window layout the trainer consumes.
 
 Layout: the training stream is cut into `batch_size` contiguous lanes; optimizer step s takes window s of every
-lane, so a stateful model sees each lane in order and a stateless one restarts from zero at every window. Arrays are
-(steps, lanes, time, ...). Flattening (lanes, steps, time) gives stream order again, which is how predictions are
-turned back into the seed-style `Pred:` line.
+lane. A stateful model gets consecutive, non-overlapping windows and carries its state from one to the next; a
+stateless one restarts from zero at every window, and its windows start at every position (stride 1), so each
+seq_len sees about the same number of updates per epoch. Arrays are (steps, lanes, time, ...). For the validation
+split (always non-overlapping), flattening (lanes, steps, time) gives stream order again, which is how predictions
+are turned back into the seed-style `Pred:` line.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def build_data(config: TrialConfig) -> SequenceData:
     if len(alphabet) < 2:
         raise ConfigError("alphabet", alphabet, "at least 2 distinct symbols")
     codes = np.array([ord(ch) for ch in alphabet], dtype=np.float64)
-    n_train = int(round(config.stream_length * (1.0 - config.val_fraction)))
+    n_train = round(config.stream_length * (1.0 - config.val_fraction))
     train_in, train_out = stream.inputs[:n_train], stream.targets[:n_train]
     val_in, val_out = stream.inputs[n_train:], stream.targets[n_train:]
 
@@ -136,8 +138,8 @@ def build_data(config: TrialConfig) -> SequenceData:
         return values[..., None].astype(np.float32)
 
     t = config.seq_len
-    lane_len = (n_train // config.batch_size) // t * t
-    if lane_len == 0:
+    lane_len = n_train // config.batch_size
+    if lane_len < t:
         raise ConfigError(
             "batch_size",
             config.batch_size,
@@ -147,19 +149,30 @@ def build_data(config: TrialConfig) -> SequenceData:
     def windows(idx: np.ndarray, lanes: int, steps: int) -> np.ndarray:
         return idx[: lanes * steps * t].reshape(lanes, steps, t).swapaxes(0, 1)
 
-    def split(inputs: np.ndarray, targets: np.ndarray, lanes: int, steps: int) -> Split:
-        x_idx, y_idx = windows(inputs, lanes, steps), windows(targets, lanes, steps)
+    def sliding(idx: np.ndarray, lanes: int) -> np.ndarray:
+        lane = idx[: lanes * lane_len].reshape(lanes, lane_len)
+        return np.lib.stride_tricks.sliding_window_view(lane, t, axis=1).swapaxes(0, 1).copy()
+
+    def encoded(x_idx: np.ndarray, y_idx: np.ndarray) -> Split:
         y = ((codes[y_idx] - target_mean) / target_std).astype(np.float32)
         return Split(encode(x_idx), y, y_idx.astype(np.int32))
 
-    train = split(train_in, train_out, config.batch_size, lane_len // t)
+    def split(inputs: np.ndarray, targets: np.ndarray, lanes: int, steps: int) -> Split:
+        return encoded(windows(inputs, lanes, steps), windows(targets, lanes, steps))
+
+    if config.stateful:
+        # Consecutive windows of each lane, so the carried state continues the lane's stream.
+        train = split(train_in, train_out, config.batch_size, lane_len // t)
+    else:
+        # Every window start (stride 1): each seq_len gets about the same number of updates per epoch, so a
+        # longer window is not confounded with fewer optimizer steps.
+        train = encoded(sliding(train_in, config.batch_size), sliding(train_out, config.batch_size))
     n_val_windows = len(val_in) // t
     if n_val_windows == 0:
         raise ConfigError("val_fraction", config.val_fraction, f"a validation slice of at least seq_len={t} symbols")
-    if config.stateful:
-        val = split(val_in, val_out, 1, n_val_windows)
-    else:
-        val = split(val_in, val_out, n_val_windows, 1)
+    # Stateful: one lane carries its state through the whole slice; otherwise every window starts from zero.
+    lanes, steps = (1, n_val_windows) if config.stateful else (n_val_windows, 1)
+    val = split(val_in, val_out, lanes, steps)
     prior = np.bincount(train.labels.ravel(), minlength=len(alphabet)).astype(np.float64)
     return SequenceData(
         alphabet=alphabet,

@@ -202,14 +202,12 @@ def sample_text(result: TrialResult) -> str:
 
 def curve_png(result: TrialResult) -> Any:
     """Loss and skill per epoch as a small figure (returned as a PIL image for MlflowClient.log_image)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from PIL import Image
 
     epochs = [r["epoch"] for r in result.history]
-    fig, (ax_loss, ax_skill) = plt.subplots(1, 2, figsize=(7, 2.6), dpi=80)
+    fig = Figure(figsize=(7, 2.6), dpi=80)  # no pyplot: safe in the background writer thread
+    ax_loss, ax_skill = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in result.history], label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in result.history], label="validation")
     ax_loss.axhline(result.final["baseline_loss"], color="grey", ls="--", lw=1, label="mean baseline")
@@ -225,7 +223,6 @@ def curve_png(result: TrialResult) -> Any:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     buffer.seek(0)
     return Image.open(buffer)
 

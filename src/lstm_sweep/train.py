@@ -136,7 +136,9 @@ class Population:
         self.coords = {n: tf.constant(c) for n, c in param_coords(self.arch).items()}
         self.hyper = {
             k: var(())
-            for k in ("learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "frozen", "forget_bias")
+            for k in (
+                "learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "frozen", "forget_bias"
+            )
         }
         self.seeds = var((), tf.uint32)
         self.unit_mask = var((max_units,))
@@ -172,7 +174,8 @@ class Population:
         for key, vals in values.items():
             self.hyper[key].assign(np.asarray(vals, np.float32))
         self.seeds.assign(np.asarray([c.seed for c in configs], np.uint32))
-        self.unit_mask.assign(np.stack([np.arange(self.arch.max_units) < c.state_size for c in configs]).astype(np.float32))
+        units = np.arange(self.arch.max_units)
+        self.unit_mask.assign(np.stack([units < c.state_size for c in configs]).astype(np.float32))
         self.alive.assign(tf.ones((self.members,), tf.bool))
         self.diverged_step.assign(tf.fill((self.members,), tf.constant(-1, tf.int64)))
         self.step.assign(0)
@@ -208,7 +211,9 @@ class Population:
             with tf.GradientTape() as tape:
                 tape.watch(params)
                 param_map = dict(zip(self.names, params, strict=True))
-                out, state, _, _, _ = forward(self.arch, param_map, self.train_x[s], state, h["forget_bias"], self.unit_mask)
+                out, state, _, _, _ = forward(
+                    self.arch, param_map, self.train_x[s], state, h["forget_bias"], self.unit_mask
+                )
                 loss = self._loss(out, self.train_y[s], self.train_labels[s])
                 total = tf.reduce_sum(tf.where(tf.math.is_finite(loss), loss, 0.0))
             state = [(tf.stop_gradient(a), tf.stop_gradient(b)) for a, b in state]
@@ -241,7 +246,8 @@ class Population:
                 mean_abs = self._per_member(tf.abs(v) * self.masks[name]) / tf.maximum(
                     self._per_member(self.masks[name]), 1.0
                 )
-                uniform = seed_noise(self.seeds, step_u32, i, self.coords[name], self._expand(mean_abs * h["grad_noise"], v))
+                noise_scale = self._expand(mean_abs * h["grad_noise"], v)
+                uniform = seed_noise(self.seeds, step_u32, i, self.coords[name], noise_scale)
                 normal = gaussian(self.seeds, step_u32, i, self.coords[name]) * self._expand(anneal_std, v)
                 noise = tf.where(self._expand(h["annealed"] > 0.5, v), normal, uniform) * mask
                 noise_sq += self._per_member(tf.square(noise))
