@@ -140,12 +140,14 @@ def forward(
     state: list[LayerState],
     forget_bias: tf.Tensor,
     unit_mask: tf.Tensor,
+    with_stats: bool = True,
 ) -> tuple[tf.Tensor, list[LayerState], tf.Tensor, tf.Tensor, tf.Tensor]:
     """Run the stack over one window.
 
     x: (lanes, time, features), shared by all members. Returns outputs (members, lanes, time, outputs), the final
     state, the top layer's hidden states (members, lanes, time, units), and per member the count of gate
     pre-activations with |z| > 4 and the count of real gate pre-activations (for the saturation fraction).
+    Training passes with_stats=False: the saturation count is a diagnostic, not part of the loss.
     """
     members = tf.shape(unit_mask)[0]
     lanes, steps = x.shape[0], x.shape[1]
@@ -166,10 +168,11 @@ def forward(
         for t in range(steps):
             z = z_in[:, :, t] + tf.matmul(h, w_rec)
             zi, zj, zf, zo = tf.split(z, GATES, axis=-1)
-            saturated += sum(
-                tf.reduce_sum(tf.cast(tf.abs(g) > 4.0, tf.float32) * mask, axis=[1, 2])
-                for g in (zi, zj, zf + fb, zo)
-            )
+            if with_stats:
+                saturated += sum(
+                    tf.reduce_sum(tf.cast(tf.abs(g) > 4.0, tf.float32) * mask, axis=[1, 2])
+                    for g in (zi, zj, zf + fb, zo)
+                )
             c = (c * tf.sigmoid(zf + fb) + tf.sigmoid(zi) * tf.tanh(zj)) * mask
             h = tf.tanh(c) * tf.sigmoid(zo) * mask
             hs.append(h)

@@ -193,6 +193,22 @@ class Population:
     def _expand(self, v: tf.Tensor, like: tf.Variable) -> tf.Tensor:
         return tf.reshape(v, [-1] + [1] * (len(like.shape) - 1))
 
+    def _momentum_step(self, name: str, g: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+        """TF1 MomentumOptimizer: accumulator = momentum * accumulator + g; the update is the accumulator."""
+        vel = self.slots["velocity"][name]
+        new_vel = self._expand(self.hyper["momentum"], vel) * vel + g
+        vel.assign(tf.where(keep, new_vel, vel))
+        return new_vel
+
+    def _adam_step(self, name: str, g: tf.Tensor, keep: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
+        m = self.slots["adam_m"][name]
+        sv = self.slots["adam_v"][name]
+        new_m = ADAM_BETA1 * m + (1 - ADAM_BETA1) * g
+        new_sv = ADAM_BETA2 * sv + (1 - ADAM_BETA2) * tf.square(g)
+        m.assign(tf.where(keep, new_m, m))
+        sv.assign(tf.where(keep, new_sv, sv))
+        return (new_m / (1 - ADAM_BETA1**t)) / (tf.sqrt(new_sv / (1 - ADAM_BETA2**t)) + ADAM_EPSILON)
+
     @tf.function
     def train_epoch(self) -> dict[str, tf.Tensor]:
         """One pass over the training stream; returns per-member sums for the epoch's diagnostics."""
@@ -212,7 +228,7 @@ class Population:
                 tape.watch(params)
                 param_map = dict(zip(self.names, params, strict=True))
                 out, state, _, _, _ = forward(
-                    self.arch, param_map, self.train_x[s], state, h["forget_bias"], self.unit_mask
+                    self.arch, param_map, self.train_x[s], state, h["forget_bias"], self.unit_mask, with_stats=False
                 )
                 loss = self._loss(out, self.train_y[s], self.train_labels[s])
                 total = tf.reduce_sum(tf.where(tf.math.is_finite(loss), loss, 0.0))
@@ -233,6 +249,10 @@ class Population:
             noise_sq = tf.zeros((p,))
             grad_sq = tf.zeros((p,))
             anneal_std = tf.sqrt(h["grad_noise"] / tf.pow(1.0 + tf.cast(self.step - 1, tf.float32), ANNEAL_GAMMA))
+            # Hashing noise for every weight is the costliest part of a step: skip a schedule no member uses.
+            noisy_member = alive & (h["grad_noise"] > 0)
+            any_seed = tf.reduce_any(noisy_member & (h["annealed"] < 0.5))
+            any_annealed = tf.reduce_any(noisy_member & (h["annealed"] > 0.5))
             for i, (name, g) in enumerate(zip(self.names, grads, strict=True)):
                 v = self.params[name]
                 mask = self.masks[name]
@@ -247,8 +267,20 @@ class Population:
                     self._per_member(self.masks[name]), 1.0
                 )
                 noise_scale = self._expand(mean_abs * h["grad_noise"], v)
-                uniform = seed_noise(self.seeds, step_u32, i, self.coords[name], noise_scale)
-                normal = gaussian(self.seeds, step_u32, i, self.coords[name]) * self._expand(anneal_std, v)
+                coords = self.coords[name]
+                uniform = tf.cond(
+                    any_seed,
+                    lambda i=i, coords=coords, noise_scale=noise_scale: seed_noise(
+                        self.seeds, step_u32, i, coords, noise_scale
+                    ),
+                    lambda v=v: tf.zeros_like(v),
+                )
+                annealed_scale = self._expand(anneal_std, v)
+                normal = tf.cond(
+                    any_annealed,
+                    lambda i=i, coords=coords, s=annealed_scale: gaussian(self.seeds, step_u32, i, coords) * s,
+                    lambda v=v: tf.zeros_like(v),
+                )
                 noise = tf.where(self._expand(h["annealed"] > 0.5, v), normal, uniform) * mask
                 noise_sq += self._per_member(tf.square(noise))
                 noisy.append(g + noise)
@@ -257,24 +289,25 @@ class Population:
             clip = h["grad_clip"]
             scale = tf.where(clip > 0, tf.minimum(1.0, clip / tf.maximum(norm, 1e-12)), 1.0)
             t = tf.cast(self.step, tf.float32)
+            # Each optimizer's slot arithmetic is a few passes over every weight: run only the ones in use.
+            any_adam = tf.reduce_any(h["adam"] > 0.5)
+            any_momentum = tf.reduce_any(h["adam"] < 0.5)
             for name, g in zip(self.names, noisy, strict=True):
                 v = self.params[name]
                 g = g * self._expand(scale, v)
-                vel = self.slots["velocity"][name]
-                m = self.slots["adam_m"][name]
-                sv = self.slots["adam_v"][name]
-                new_vel = self._expand(h["momentum"], v) * vel + g
-                new_m = ADAM_BETA1 * m + (1 - ADAM_BETA1) * g
-                new_sv = ADAM_BETA2 * sv + (1 - ADAM_BETA2) * tf.square(g)
-                m_hat = new_m / (1 - ADAM_BETA1**t)
-                v_hat = new_sv / (1 - ADAM_BETA2**t)
-                adam_update = m_hat / (tf.sqrt(v_hat) + ADAM_EPSILON)
-                update = tf.where(self._expand(h["adam"] > 0.5, v), adam_update, new_vel)
                 keep = self._expand(alive, v)
+                momentum_update = tf.cond(
+                    any_momentum,
+                    lambda name=name, g=g, keep=keep: self._momentum_step(name, g, keep),
+                    lambda v=v: tf.zeros_like(v),
+                )
+                adam_update = tf.cond(
+                    any_adam,
+                    lambda name=name, g=g, keep=keep: self._adam_step(name, g, keep, t),
+                    lambda v=v: tf.zeros_like(v),
+                )
+                update = tf.where(self._expand(h["adam"] > 0.5, v), adam_update, momentum_update)
                 v.assign(tf.where(keep, v - self._expand(h["learning_rate"], v) * update, v))
-                vel.assign(tf.where(keep, new_vel, vel))
-                m.assign(tf.where(keep, new_m, m))
-                sv.assign(tf.where(keep, new_sv, sv))
             loss_sum += tf.where(finite, loss, 0.0)
             group_sums += tf.sqrt(tf.stack([sq_groups[g] for g in WEIGHT_GROUPS], axis=1))
             ratio_sum += tf.sqrt(noise_sq) / tf.maximum(tf.sqrt(grad_sq), 1e-12)
