@@ -260,6 +260,24 @@ def test_factor_effects_name_the_decider(main_runs: pd.DataFrame) -> None:
     assert effects["grad_noise_schedule"].effect == "no detectable effect"
 
 
+def test_balanced_design_takes_separated_intervals_as_they_are() -> None:
+    grid = pd.DataFrame([{"a": a, "b": b, "escaped": a == "x"} for a in ("x", "y") for b in (1, 2) for _ in range(20)])
+    grid.attrs["roles"] = {"a": "scientific", "b": "scientific"}
+    assert analysis.is_balanced(grid, ["a", "b"])
+    assert not analysis.is_balanced(grid.iloc[1:], ["a", "b"])
+    assert not analysis.is_balanced(grid[~((grid["a"] == "y") & (grid["b"] == 2))], ["a", "b"])
+    table = pd.DataFrame(
+        [
+            {"factor": "a", "value": "x", "runs": 40, "escape_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7},
+            {"factor": "a", "value": "y", "runs": 40, "escape_rate": 0.3, "ci_low": 0.2, "ci_high": 0.4},
+        ]
+    )
+    weak = pd.DataFrame({"factor": ["a"], "fanova_escape": [0.01], "fanova_skill": [0.01]})
+    assert analysis.factor_effects(table, weak)[0].effect == "unclear"
+    balanced = analysis.factor_effects(table, weak, balanced=True)[0]
+    assert balanced.effect == "escapes" and balanced.levels == ("x",)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Interactions
 

@@ -44,12 +44,8 @@ def test_bad_value_names_key_and_allowed(kwargs: dict[str, Any], key: str, allow
     assert allowed in err.allowed
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "key", "allowed"), BAD_VALUES[:6], ids=[str(k) for k, _, _ in BAD_VALUES[:6]]
-)
-def test_from_mapping_reports_the_same_error_with_its_source(
-    kwargs: dict[str, Any], key: str, allowed: str
-) -> None:
+@pytest.mark.parametrize(("kwargs", "key", "allowed"), BAD_VALUES[:6], ids=[str(k) for k, _, _ in BAD_VALUES[:6]])
+def test_from_mapping_reports_the_same_error_with_its_source(kwargs: dict[str, Any], key: str, allowed: str) -> None:
     with pytest.raises(ConfigError) as info:
         TrialConfig.from_mapping(kwargs, source="sweeps/x.yaml")
     assert info.value.key == key

@@ -165,3 +165,44 @@ def test_killed_sweep_resumes_with_every_cell_done_once(tmp_path):
     complete_numbers = {str(t.number) for t in complete}
     assert {r.data.tags["trial_number"] for r in finished} == complete_numbers
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    """seq_len 400 does not fit the 192-symbol training stream: those trials fail with their error, the rest run."""
+    sweep = tmp_path / "failing.yaml"
+    sweep.write_text(
+        "name: failing\nfixed: {epochs: 1, stream_length: 240, batch_size: 4, state_size: 4}\n"
+        "factors:\n  seq_len: {values: [1, 400]}\n  learning_rate: {role: nuisance, values: [0.01, 0.1]}\n"
+    )
+    storage, _ = stores(tmp_path)
+    assert main([*run_args(sweep, tmp_path), "--no-tracking"]) == 0
+    assert "2 failed" in capsys.readouterr().out
+    study = optuna.load_study(study_name="failing", storage=storage)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert {t.params["seq_len"] for t in failed} == {400} and len(failed) == 2
+    assert all("batch_size" in t.user_attrs["error"] for t in failed)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    # A deterministic failure is a result: the next run does not retry it.
+    assert main([*run_args(sweep, tmp_path), "--no-tracking"]) == 0
+    assert "trained 0 trial(s)" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="failing", storage=storage).trials) == 4
+
+
+def test_workers_and_single_runs_give_the_population_results(tmp_path):
+    """--workers 2 --no-population trains every run alone in two processes; the outcomes match population mode."""
+    sweep = write_sweep(tmp_path, "parallel", epochs=2, momenta="[0.0, 0.9]")
+    storage, _ = stores(tmp_path)
+    assert main([*run_args(sweep, tmp_path), "--no-tracking"]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    args = [*run_args(sweep, other), "--no-tracking", "--workers", "2", "--no-population"]
+    assert main(args) == 0
+
+    def values(url: str) -> dict:
+        study = optuna.load_study(study_name="parallel", storage=url)
+        return {tuple(sorted(t.params.items())): t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+
+    together, apart = values(storage), values(stores(other)[0])
+    assert len(together) == len(apart) == 8
+    for key, value in together.items():
+        assert apart[key] == pytest.approx(value, abs=1e-4), key

@@ -225,10 +225,7 @@ def test_escape_epoch_is_first_escaped_epoch_one_based(seed_data: SequenceData) 
     assert metrics.escape_epoch([plateau, partial, partial], t) is None
     assert metrics.escape_epoch([], t) is None
     # a lower bar moves it earlier
-    assert (
-        metrics.escape_epoch([plateau, partial, escaped], Thresholds(plateau_skill=0.01, escape_skill=0.3))
-        == 2
-    )
+    assert metrics.escape_epoch([plateau, partial, escaped], Thresholds(plateau_skill=0.01, escape_skill=0.3)) == 2
 
 
 def test_measures_as_dict_includes_lift() -> None:
@@ -258,9 +255,7 @@ BAD_THRESHOLDS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "key", "allowed"), BAD_THRESHOLDS, ids=[str(k) for k, _, _ in BAD_THRESHOLDS]
-)
+@pytest.mark.parametrize(("kwargs", "key", "allowed"), BAD_THRESHOLDS, ids=[str(k) for k, _, _ in BAD_THRESHOLDS])
 def test_bad_thresholds(kwargs: dict[str, float], key: str, allowed: str) -> None:
     with pytest.raises(ConfigError) as info:
         Thresholds(**kwargs)  # type: ignore[arg-type]

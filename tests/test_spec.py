@@ -89,9 +89,7 @@ GOOD: list[tuple[str, Doc, dict[str, Any]]] = [
     ),
     (
         "int range and stepped float range are enumerable",
-        with_factors(
-            seq_len={"low": 1, "high": 8, "step": 2}, grad_clip={"low": 0.0, "high": 1.0, "step": 0.25}
-        ),
+        with_factors(seq_len={"low": 1, "high": 8, "step": 2}, grad_clip={"low": 0.0, "high": 1.0, "step": 0.25}),
         {"cells": 3 * 2 * 4 * 5, "roles": {"seq_len": "scientific", "grad_clip": "scientific"}},
     ),
     (
@@ -295,10 +293,7 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ),
     (
         "log with low <= 0",
-        lambda: (
-            doc(sampler="random", trials=5)
-            | {"factors": {"grad_noise": {"low": 0.0, "high": 1, "log": True}}}
-        ),
+        lambda: doc(sampler="random", trials=5) | {"factors": {"grad_noise": {"low": 0.0, "high": 1, "log": True}}},
         "factors.grad_noise.low",
         "> 0 with log: true",
     ),
@@ -466,9 +461,7 @@ BAD: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutation", "path", "fragment"), [pytest.param(m, p, f, id=i) for i, m, p, f in BAD]
-)
+@pytest.mark.parametrize(("mutation", "path", "fragment"), [pytest.param(m, p, f, id=i) for i, m, p, f in BAD])
 def test_bad_sweeps_name_the_problem(mutation: Mutation, path: str, fragment: str) -> None:
     with pytest.raises(SweepFileError) as info:
         parse(mutation())
@@ -587,20 +580,18 @@ def test_domain_enumerate_without_float_drift() -> None:
 @pytest.mark.filterwarnings("error")
 def test_to_distribution_follows_the_domain() -> None:
     dist = optuna.distributions
-    assert Domain(values=(0.1, 0.2)).to_distribution(
-        FACTORS["learning_rate"]
-    ) == dist.CategoricalDistribution([0.1, 0.2])
-    assert Domain(low=1e-4, high=1.0, log=True).to_distribution(
-        FACTORS["learning_rate"]
-    ) == dist.FloatDistribution(1e-4, 1.0, log=True)
+    assert Domain(values=(0.1, 0.2)).to_distribution(FACTORS["learning_rate"]) == dist.CategoricalDistribution(
+        [0.1, 0.2]
+    )
+    assert Domain(low=1e-4, high=1.0, log=True).to_distribution(FACTORS["learning_rate"]) == dist.FloatDistribution(
+        1e-4, 1.0, log=True
+    )
     stepped = Domain(low=0.0, high=1.0, step=0.3).to_distribution(FACTORS["grad_clip"])
     assert stepped == dist.FloatDistribution(0.0, 0.9, step=0.3)  # high adjusted: no Optuna warning
-    assert Domain(low=1, high=8, step=3).to_distribution(FACTORS["seq_len"]) == dist.IntDistribution(
-        1, 7, step=3
+    assert Domain(low=1, high=8, step=3).to_distribution(FACTORS["seq_len"]) == dist.IntDistribution(1, 7, step=3)
+    assert Domain(low=4, high=64, log=True, step=1).to_distribution(FACTORS["state_size"]) == dist.IntDistribution(
+        4, 64, log=True
     )
-    assert Domain(low=4, high=64, log=True, step=1).to_distribution(
-        FACTORS["state_size"]
-    ) == dist.IntDistribution(4, 64, log=True)
 
 
 @pytest.mark.filterwarnings("error")
@@ -671,9 +662,7 @@ def test_config_for_rejects_a_replicate_out_of_range() -> None:
 
 
 def test_fixed_role_and_section_reach_the_config() -> None:
-    spec = parse(
-        doc(fixed={"task": "delay", "delay": 5}) | {"factors": {"num_layers": {"role": "fixed", "value": 2}}}
-    )
+    spec = parse(doc(fixed={"task": "delay", "delay": 5}) | {"factors": {"num_layers": {"role": "fixed", "value": 2}}})
     config = spec.config_for({}, 0)
     assert (config.task, config.delay, config.num_layers) == ("delay", 5, 2)
     assert spec.varied() == () and spec.scientific() == () and spec.nuisance() == ()

@@ -26,9 +26,7 @@ def stream_symbols(data: SequenceData, which: str = "train") -> tuple[np.ndarray
 
 
 @pytest.mark.parametrize("task", ["cycle", "mirror", "delay"])
-@pytest.mark.parametrize(
-    ("encoding", "features"), [("raw", 1), ("scaled", 1), ("onehot", len(CYCLE_ALPHABET))]
-)
+@pytest.mark.parametrize(("encoding", "features"), [("raw", 1), ("scaled", 1), ("onehot", len(CYCLE_ALPHABET))])
 def test_shapes(task: str, encoding: str, features: int) -> None:
     cfg = TrialConfig(task=task, input_encoding=encoding, batch_size=8, seq_len=5, stream_length=400)
     data = build_data(cfg)
@@ -167,9 +165,7 @@ def test_mirror_successor_depends_on_direction() -> None:
 def test_text_task_from_file(tmp_path: Path) -> None:
     path = tmp_path / "tiny.txt"
     path.write_text("hello world\n", encoding="utf-8")
-    cfg = TrialConfig(
-        task="text", text_path=str(path), input_encoding="onehot", batch_size=4, stream_length=120
-    )
+    cfg = TrialConfig(task="text", text_path=str(path), input_encoding="onehot", batch_size=4, stream_length=120)
     data = build_data(cfg)
     assert data.alphabet == "".join(sorted(set("hello world\n")))
     assert data.num_features == len(data.alphabet) == data.num_classes

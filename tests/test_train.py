@@ -137,9 +137,7 @@ def test_readout_only_freezes_the_lstm_but_trains_the_readout(pop4: Population) 
 
 def test_grad_clip_bounds_the_update() -> None:
     # 32 training symbols in 32 lanes: exactly one optimizer step per epoch
-    one_step = TrialConfig(
-        stream_length=40, batch_size=32, epochs=1, momentum=0.0, grad_noise=0.0, learning_rate=0.1
-    )
+    one_step = TrialConfig(stream_length=40, batch_size=32, epochs=1, momentum=0.0, grad_noise=0.0, learning_rate=0.1)
     clip = 1.0
     clipped, free = one_step.replace(grad_clip=clip), one_step.replace(grad_clip=0.0)
     data = build_data(one_step)
@@ -327,9 +325,7 @@ def test_callbacks_per_member_in_a_population() -> None:
 def test_population_equals_lone_training_and_survives_a_diverging_member() -> None:
     members = [
         TINY4.replace(state_size=4, learning_rate=3e-2, seed=0),
-        TINY4.replace(
-            state_size=8, learning_rate=1e-2, seed=1, optimizer="adam", grad_noise_schedule="annealed"
-        ),
+        TINY4.replace(state_size=8, learning_rate=1e-2, seed=1, optimizer="adam", grad_noise_schedule="annealed"),
         TINY4.replace(state_size=16, learning_rate=1e-1, seed=2, forget_bias=0.0, grad_clip=1.0),
     ]
     exploding = TINY4.replace(state_size=8, learning_rate=1e3, seed=3)
@@ -343,9 +339,7 @@ def test_population_equals_lone_training_and_survives_a_diverging_member() -> No
         assert len(mate.history) == len(alone.history) == cfg.epochs
         assert alone.diverged_step is None and mate.diverged_step is None
         assert np.all(np.isfinite(curve(alone)))
-        assert (
-            curve(alone, "skill")[-1] > curve(alone, "skill")[0] + 0.05
-        )  # it learned: not constants compared
+        assert curve(alone, "skill")[-1] > curve(alone, "skill")[0] + 0.05  # it learned: not constants compared
         for key in alone.history[0]:
             np.testing.assert_allclose(curve(mate, key), curve(alone, key), rtol=1e-4, atol=1e-5, err_msg=key)
         assert mate.verdict == alone.verdict

@@ -1074,13 +1074,26 @@ def _rate_text(rows: Sequence[pd.Series]) -> str:
     )
 
 
-def factor_effects(table: pd.DataFrame, imp: pd.DataFrame | None = None) -> list[FactorEffect]:
+def is_balanced(runs: pd.DataFrame, factors: Sequence[str] | None = None) -> bool:
+    """True for a full factorial with equal replication: every combination of the varied factors' levels was
+    run equally often, so each factor's marginal escape rates compare like with like."""
+    factors = list(varied_factors(runs) if factors is None else factors)
+    if not factors or runs.empty:
+        return False
+    levels = runs[factors].astype(str)
+    counts = levels.value_counts()
+    full = math.prod(levels[f].nunique() for f in factors)
+    return len(counts) == full and counts.nunique() == 1
+
+
+def factor_effects(table: pd.DataFrame, imp: pd.DataFrame | None = None, balanced: bool = False) -> list[FactorEffect]:
     """Classify each factor from its level intervals (and importance when given):
     `escapes` when some level's Wilson interval lies entirely above every other level's; `keeps on plateau`
     when, without that, a level's interval lies entirely below the others'; `no detectable effect` when all
     intervals overlap and the importance (fANOVA on escape, else on skill) is below half an equal share;
     `unclear` otherwise, including separated intervals that fANOVA (which sees all factors at once) gives
-    little weight: in an unbalanced random sample that is the signature of confounding."""
+    little weight: in an unbalanced random sample that is the signature of confounding. In a `balanced` design
+    (see `is_balanced`) no factor can be confounded with another, so separated intervals are taken as they are."""
     effects = []
     small = SMALL_IMPORTANCE / max(1, table["factor"].nunique()) if not table.empty else SMALL_IMPORTANCE
     for name, group in table.groupby("factor", sort=False):
@@ -1093,7 +1106,7 @@ def factor_effects(table: pd.DataFrame, imp: pd.DataFrame | None = None) -> list
         importance = _importance_of(imp, f)
         imp_text = "" if math.isnan(importance) else f", fANOVA share {importance:.2f}"
         weak = not math.isnan(importance) and importance < small
-        if (above or below) and weak:
+        if (above or below) and weak and not balanced:
             detail = (
                 f"escape {_pct(t['escape_rate'].min())}–{_pct(t['escape_rate'].max())} across {len(t)} levels"
                 f"{imp_text}: the intervals separate but fANOVA attributes little to it, so another factor "

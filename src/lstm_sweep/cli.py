@@ -113,8 +113,10 @@ def _describe(spec: Any) -> str:
     for name, f in d["factors"].items():
         domain = f.get("values", f.get("value"))
         if domain is None:
-            domain = f"[{f['low']}, {f['high']}]" + (" log" if f.get("log") else "") + (
-                f" step {f['step']}" if f.get("step") else ""
+            domain = (
+                f"[{f['low']}, {f['high']}]"
+                + (" log" if f.get("log") else "")
+                + (f" step {f['step']}" if f.get("step") else "")
             )
         lines.append(f"  {f['role']:<10} {name:<20} {domain}")
     for name, value in d.get("fixed", {}).items():
@@ -132,8 +134,28 @@ def _describe(spec: Any) -> str:
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
 @click.option("--no-tracking", is_flag=True, help="do not log to MLflow (Optuna storage only)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="training processes (the stores stay in the main process)",
+)
+@click.option(
+    "--population/--no-population",
+    default=True,
+    show_default=True,
+    help="train trials that share a data layout as one batched graph",
+)
 def run(
-    sweep_file: str, trials: int | None, storage: str | None, tracking_uri: str | None, no_tracking: bool, quiet: bool
+    sweep_file: str,
+    trials: int | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    no_tracking: bool,
+    quiet: bool,
+    workers: int,
+    population: bool,
 ) -> None:
     """Run (or continue) a sweep: one Optuna trial per configuration, one MLflow run per replicate."""
     from pathlib import Path
@@ -162,7 +184,15 @@ def run(
     status = "FINISHED"
     try:
         with SweepProgress(total, enabled=not quiet) as progress:
-            outcome = run_sweep(spec, storage_url=storage_url, trials=trials, sinks=sinks, on_trial=progress.update)
+            outcome = run_sweep(
+                spec,
+                storage_url=storage_url,
+                trials=trials,
+                sinks=sinks,
+                on_trial=progress.update,
+                workers=workers,
+                population=population,
+            )
         if outcome.interrupted:
             status = "KILLED"
     except BaseException:

@@ -210,4 +210,3 @@ class TrialConfig:
 
 
 SEED_CONFIG = TrialConfig()
-

@@ -19,7 +19,6 @@ import os
 import queue
 import socket
 import threading
-import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -31,8 +30,9 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lstm_sweep.config import TrialConfig
+from lstm_sweep.executor import Job, JobFailed, Outcome, make_executor
 from lstm_sweep.spec import SweepSpec, mask_url
-from lstm_sweep.train import TrialResult, layout_key, train_population
+from lstm_sweep.train import TrialResult, layout_key
 
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120
@@ -276,29 +276,39 @@ def group_by_layout(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
     return list(groups.values())
 
 
-def train_group(spec: SweepSpec, group: Sequence[Proposal]) -> list[list[TrialResult]]:
-    """Train every replicate of every trial in the group as one population; results per trial."""
+def jobs_for(group: Sequence[Proposal], population: bool) -> list[Job]:
+    """One job with every replicate of every trial in the group (population mode), or one job per run."""
     configs = [c for p in group for c in p.configs]
-    flat = train_population(configs, thresholds=spec.thresholds)
-    n = spec.replicates
+    return [configs] if population else [[c] for c in configs]
+
+
+def split_results(group: Sequence[Proposal], outcomes: Sequence[Outcome]) -> list[list[TrialResult]] | JobFailed:
+    """The jobs' results regrouped per trial, or the first failure (it fails the whole group)."""
+    flat: list[TrialResult] = []
+    for outcome in outcomes:
+        if isinstance(outcome, JobFailed):
+            return outcome
+        flat.extend(outcome)
+    n = len(group[0].configs)
     return [flat[i * n : (i + 1) * n] for i in range(len(group))]
 
 
-def record_results(
-    proposal: Proposal, results: Sequence[TrialResult], sinks: Sequence[TrialSink]
-) -> float:
+def record_results(proposal: Proposal, results: Sequence[TrialResult], sinks: Sequence[TrialSink]) -> float:
     """Hand each replicate to the sinks (MLflow), keep the outcomes on the trial, return the objective."""
     records = []
     for r, result in enumerate(results):
         run_id = None
         for sink in sinks:
-            run_id = sink.log_replicate(
-                result,
-                trial_number=proposal.trial.number,
-                config_id=proposal.config_id,
-                replicate=r,
-                params=proposal.configs[r].as_dict(),
-            ) or run_id
+            run_id = (
+                sink.log_replicate(
+                    result,
+                    trial_number=proposal.trial.number,
+                    config_id=proposal.config_id,
+                    replicate=r,
+                    params=proposal.configs[r].as_dict(),
+                )
+                or run_id
+            )
         records.append(replicate_record(result, r, run_id))
     proposal.trial.set_user_attr("replicates", records)
     proposal.trial.set_user_attr("verdicts", dict(Counter(r.verdict for r in results)))
@@ -411,11 +421,14 @@ def run_sweep(
     sinks: Sequence[TrialSink] = (),
     on_trial: ProgressHook | None = None,
     batch_trials: int | None = None,
+    workers: int = 1,
+    population: bool = True,
 ) -> SweepOutcome:
     """Run (or continue) the sweep until its budget of trials is done.
 
     Trials are proposed in batches, grouped by data layout, and each group trains as one population; a group's
-    results are recorded by a background writer while the next group trains.
+    results are recorded by a background writer while the next group trains. `workers` > 1 trains in that many
+    processes (the stores stay in this one); `population=False` trains every run on its own.
     """
     study = open_study(spec, storage_url)
     outcome = SweepOutcome(study=study)
@@ -455,6 +468,7 @@ def run_sweep(
         return job
 
     writer = _Writer()
+    executor = make_executor(workers)
     in_flight: list[Proposal] = []
     try:
         with _Heartbeat(study) as heartbeat:
@@ -463,14 +477,15 @@ def run_sweep(
                 if not in_flight:
                     break
                 heartbeat.hold([p.trial for p in in_flight])
-                for group in group_by_layout(in_flight):
-                    try:
-                        results = train_group(spec, group)
-                    except Exception as err:
-                        message = f"{err.__class__.__name__}: {mask_url(str(err))}"[:2000]
+                groups = group_by_layout(in_flight)
+                job_groups = [jobs_for(group, population) for group in groups]
+                outcomes = executor.run([job for jobs in job_groups for job in jobs], spec.thresholds)
+                for group, jobs in zip(groups, job_groups, strict=True):
+                    results = split_results(group, [next(outcomes) for _ in jobs])
+                    if isinstance(results, JobFailed):
                         for proposal in group:
-                            proposal.trial.set_user_attr("error", message)
-                            proposal.trial.set_user_attr("traceback", mask_url(traceback.format_exc())[-4000:])
+                            proposal.trial.set_user_attr("error", mask_url(results.message)[:2000])
+                            proposal.trial.set_user_attr("traceback", mask_url(results.traceback)[-4000:])
                             finish(proposal, TrialState.FAIL, None, [])
                         continue
                     writer.submit(record_job(group, results))
@@ -486,6 +501,7 @@ def run_sweep(
                     study.tell(proposal.trial, state=TrialState.FAIL)  # no error attr: retried next run
     finally:
         writer.close()
+        executor.close()
     return outcome
 
 

@@ -32,9 +32,7 @@ def uniform01(seeds: tf.Tensor, step: tf.Tensor, stream: int, coords: tf.Tensor)
     return tf.cast(tf.bitwise.right_shift(bits, _u32(8)), tf.float32) * (1.0 / (1 << 24))
 
 
-def seed_noise(
-    seeds: tf.Tensor, step: tf.Tensor, stream: int, coords: tf.Tensor, scale: tf.Tensor
-) -> tf.Tensor:
+def seed_noise(seeds: tf.Tensor, step: tf.Tensor, stream: int, coords: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     """The seed's noise shape, U(-1, 1) * scale; scale broadcasts over the member axis."""
     return (2.0 * uniform01(seeds, step, stream, coords) - 1.0) * scale
 

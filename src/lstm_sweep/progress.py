@@ -43,9 +43,7 @@ class SweepProgress:
             self._progress.start()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         if self.live:
             self._progress.stop()
 
@@ -59,4 +57,5 @@ class SweepProgress:
             self._progress.update(self._task, completed=min(done, total), description=text)
         elif self.enabled:
             state = trial.state.name.lower()
-            self.console.print(f"trial {trial.number} {state}: {done}/{total} done, {text}", highlight=False)
+            line = f"trial {trial.number} {state}: {done}/{total} done, {text}"
+            self.console.print(line, highlight=False, soft_wrap=True)

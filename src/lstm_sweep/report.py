@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -330,7 +331,10 @@ def plot_curves(runs: pd.DataFrame, seed_runs: pd.DataFrame) -> bytes:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation skill (floored at -1)")
     ax.set_title("Training curves: plateau vs escape (dotted: escape epoch)")
-    ax.legend(fontsize=7, loc="best")
+    # Labels name every varied factor: wrap them and put the legend under the axes, where it cannot cover a curve.
+    handles, labels = ax.get_legend_handles_labels()
+    wrapped = [textwrap.fill(label, 110, subsequent_indent="    ") for label in labels]
+    fig.legend(handles, wrapped, fontsize=7, loc="outside lower center", ncols=1)
     return _png(fig)
 
 
@@ -647,7 +651,7 @@ def build_sections(
     """The report's sections, verdict first."""
     summary = analysis.summarize(runs, table, pairs)
     summary["failed_trials"] = len(failed)
-    effects = analysis.factor_effects(table, imp)
+    effects = analysis.factor_effects(table, imp, balanced=analysis.is_balanced(runs))
     opening, lines = verdict_lines(summary, effects, pairs, imp, seed_sentence(runs, seed_config))
     shown_pairs = pairs.head(MAX_INTERACTION_ROWS)
     more = len(pairs) > len(shown_pairs)

@@ -299,9 +299,7 @@ class SweepSpec:
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         """The Optuna distribution of every varied factor (momentum included: conditional on optimizer)."""
-        return {
-            fs.name: fs.domain.to_distribution(fs.factor) for fs in self.varied() if fs.domain is not None
-        }
+        return {fs.name: fs.domain.to_distribution(fs.factor) for fs in self.varied() if fs.domain is not None}
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
         """Define-by-run sampling of the varied factors; momentum is not suggested when optimizer is adam."""
@@ -316,11 +314,7 @@ class SweepSpec:
 
     def config_for(self, params: Mapping[str, Any], replicate: int) -> TrialConfig:
         """The TrialConfig of one replicate: fixed values, then params, seed = spec seed + replicate."""
-        if (
-            isinstance(replicate, bool)
-            or not isinstance(replicate, int)
-            or not 0 <= replicate < self.replicates
-        ):
+        if isinstance(replicate, bool) or not isinstance(replicate, int) or not 0 <= replicate < self.replicates:
             raise ConfigError("replicate", replicate, f"an integer in 0..{self.replicates - 1}", self.source)
         values = {**self.fixed_values(), **params, "seed": self.seed + replicate}
         return TrialConfig.from_mapping(values, source=self.source)
@@ -335,9 +329,7 @@ class SweepSpec:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if self.sampler == "qmc":
-                return optuna.samplers.QMCSampler(
-                    scramble=True, seed=self.seed, warn_independent_sampling=False
-                )
+                return optuna.samplers.QMCSampler(scramble=True, seed=self.seed, warn_independent_sampling=False)
             if self.sampler == "tpe":
                 return optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True)
             return optuna.samplers.RandomSampler(seed=self.seed)
@@ -381,9 +373,7 @@ def _suggest_one(trial: optuna.trial.BaseTrial, name: str, domain: Domain, facto
 
 # --- URL masking
 
-_PASSWORD_RE = re.compile(
-    r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@?#]*:)(?P<password>[^@/?#]*)(?P<tail>@)"
-)
+_PASSWORD_RE = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@?#]*:)(?P<password>[^@/?#]*)(?P<tail>@)")
 
 
 def mask_url(url: str) -> str:
@@ -414,16 +404,12 @@ class _StrictLoader(yaml.SafeLoader):
             except TypeError:
                 continue
             if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
-_StrictLoader.yaml_implicit_resolvers = {
-    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+_StrictLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -553,9 +539,7 @@ def parse_sweep(data: object, source: str) -> SweepSpec:
     if not seed_ok:
         seed = 0
     elif seed_factor.high is not None and seed + replicates - 1 > seed_factor.high:
-        problems.bad(
-            "seed", seed, f"seed + replicates - 1 <= {int(seed_factor.high)} (replicate r uses seed + r)"
-        )
+        problems.bad("seed", seed, f"seed + replicates - 1 <= {int(seed_factor.high)} (replicate r uses seed + r)")
 
     trials = data.get("trials")
     if trials is not None and (not _is_int(trials) or trials < 1):
@@ -658,9 +642,7 @@ def _parse_factors(
             ok = False
             continue
         if name in fixed:
-            problems.bad(
-                path, definition, "a factor in either fixed or factors, not both (it is also in fixed)"
-            )
+            problems.bad(path, definition, "a factor in either fixed or factors, not both (it is also in fixed)")
             ok = False
             continue
         spec = _parse_definition(name, definition, path, problems)
@@ -691,9 +673,7 @@ def _parse_definition(name: str, definition: object, path: str, problems: _Probl
     if role == "fixed":
         for key in ("values", "low", "high", "log", "step"):
             if key in definition:
-                problems.bad(
-                    f"{path}.{key}", definition[key], "no domain with role fixed (it takes one value)"
-                )
+                problems.bad(f"{path}.{key}", definition[key], "no domain with role fixed (it takes one value)")
         if "value" not in definition:
             problems.missing(f"{path}.value", f"{factor.allowed} (role fixed takes one value)")
             return None
@@ -703,9 +683,7 @@ def _parse_definition(name: str, definition: object, path: str, problems: _Probl
         return FactorSpec(name, "fixed", None, value)
 
     if "value" in definition:
-        problems.bad(
-            f"{path}.value", definition["value"], "values: [...] or low/high (only role fixed takes value)"
-        )
+        problems.bad(f"{path}.value", definition["value"], "values: [...] or low/high (only role fixed takes value)")
     has_values = "values" in definition
     has_range = "low" in definition or "high" in definition
     domain: Domain | None = None
@@ -714,9 +692,7 @@ def _parse_definition(name: str, definition: object, path: str, problems: _Probl
     elif has_values:
         for key in ("log", "step"):
             if key in definition:
-                problems.bad(
-                    f"{path}.{key}", definition[key], "log/step only with low/high (not with values)"
-                )
+                problems.bad(f"{path}.{key}", definition[key], "log/step only with low/high (not with values)")
         domain = _parse_values(factor, definition["values"], f"{path}.values", problems)
     elif has_range:
         domain = _parse_range(factor, definition, path, problems)

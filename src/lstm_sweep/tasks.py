@@ -91,7 +91,7 @@ def make_stream(config: TrialConfig) -> Stream:
     if config.task == "delay":
         rng = np.random.default_rng(config.data_seed)
         symbols = rng.integers(0, len(CYCLE_ALPHABET), size=n + config.delay).astype(np.int32)
-        return Stream(CYCLE_ALPHABET, symbols[config.delay :], symbols[: n])
+        return Stream(CYCLE_ALPHABET, symbols[config.delay :], symbols[:n])
     return _text_stream(config)
 
 

@@ -120,9 +120,7 @@ class SweepTracker:
         """
         closed = 0
         for number in trial_numbers:
-            runs = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.trial_number = '{number}'"
-            )
+            runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.trial_number = '{number}'")
             for run in runs:
                 if run.info.status != "KILLED":
                     self.client.set_terminated(run.info.run_id, status="KILLED")
@@ -150,9 +148,7 @@ class SweepTracker:
         }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"trial {trial_number} rep {replicate}", tags=tags
-        )
+        run = self.client.create_run(self.experiment_id, run_name=f"trial {trial_number} rep {replicate}", tags=tags)
         run_id = run.info.run_id
         now = int(time.time() * 1000)
         metrics: list[Metric] = []
@@ -225,4 +221,3 @@ def curve_png(result: TrialResult) -> Any:
     fig.savefig(buffer, format="png")
     buffer.seek(0)
     return Image.open(buffer)
-

@@ -137,7 +137,14 @@ class Population:
         self.hyper = {
             k: var(())
             for k in (
-                "learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "frozen", "forget_bias"
+                "learning_rate",
+                "momentum",
+                "adam",
+                "grad_noise",
+                "annealed",
+                "grad_clip",
+                "frozen",
+                "forget_bias",
             )
         }
         self.seeds = var((), tf.uint32)
@@ -270,15 +277,17 @@ class Population:
                 coords = self.coords[name]
                 uniform = tf.cond(
                     any_seed,
-                    lambda i=i, coords=coords, noise_scale=noise_scale: seed_noise(
-                        self.seeds, step_u32, i, coords, noise_scale
+                    lambda i=i, coords=coords, noise_scale=noise_scale, step=step_u32: seed_noise(
+                        self.seeds, step, i, coords, noise_scale
                     ),
                     lambda v=v: tf.zeros_like(v),
                 )
                 annealed_scale = self._expand(anneal_std, v)
                 normal = tf.cond(
                     any_annealed,
-                    lambda i=i, coords=coords, s=annealed_scale: gaussian(self.seeds, step_u32, i, coords) * s,
+                    lambda i=i, coords=coords, s=annealed_scale, step=step_u32: (
+                        gaussian(self.seeds, step, i, coords) * s
+                    ),
                     lambda v=v: tf.zeros_like(v),
                 )
                 noise = tf.where(self._expand(h["annealed"] > 0.5, v), normal, uniform) * mask
@@ -303,7 +312,7 @@ class Population:
                 )
                 adam_update = tf.cond(
                     any_adam,
-                    lambda name=name, g=g, keep=keep: self._adam_step(name, g, keep, t),
+                    lambda name=name, g=g, keep=keep, t=t: self._adam_step(name, g, keep, t),
                     lambda v=v: tf.zeros_like(v),
                 )
                 update = tf.where(self._expand(h["adam"] > 0.5, v), adam_update, momentum_update)
@@ -424,8 +433,15 @@ def train_population(
         for i, c in enumerate(configs):
             m, predicted = measure(data, outputs[i], pop.regression)
             if not alive[i]:
-                m = Measures(math.inf, m.baseline_loss, -math.inf, m.symbol_accuracy, m.majority_rate,
-                             m.distinct_symbols, m.pred_std_ratio)
+                m = Measures(
+                    math.inf,
+                    m.baseline_loss,
+                    -math.inf,
+                    m.symbol_accuracy,
+                    m.majority_rate,
+                    m.distinct_symbols,
+                    m.pred_std_ratio,
+                )
             per_epoch[i].append(m)
             predicted_last[i] = predicted
             record: dict[str, float] = {"epoch": epoch, "train_loss": float(stats["train_loss"][i])}
