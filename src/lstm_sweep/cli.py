@@ -245,6 +245,66 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
         subprocess.run(cmd, check=False)
 
 
+@cli.command()
+@click.argument("sweep_file", required=False, default=None, type=click.Path(dir_okay=False))
+@factor_options
+@click.option(
+    "--replicates",
+    type=click.IntRange(min=1, max=100),
+    default=None,
+    help="seeds per configuration [default: 3, or the sweep file's]",
+)
+@click.option("--name", default=None, help="Optuna study and MLflow experiment name [default: diagnose-<hash>]")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary")
+@click.option("--no-neighbourhood", is_flag=True, help="only diagnose the configuration, try no changes")
+@click.option("--storage", default=None, help="Optuna storage URL [default: sqlite:///results/<name>/optuna.db]")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def diagnose(
+    sweep_file: str | None,
+    replicates: int | None,
+    name: str | None,
+    as_json: bool,
+    no_neighbourhood: bool,
+    storage: str | None,
+    tracking_uri: str | None,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Say why a configuration (default: the seed's) sits where it does, from its measured diagnostics, then try
+    every factor changed alone (values from SWEEP_FILE's domains, or built-in ones) to find what gets it out.
+
+    Writes results/<name>/diagnosis.md and curves.png, also attached to the sweep's MLflow parent run.
+    """
+    _quiet_tensorflow()
+    from lstm_sweep import diagnose as diagnosis
+
+    plan = diagnosis.plan_diagnosis(
+        _overrides(options),
+        sweep_file=sweep_file,
+        replicates=replicates,
+        name=name,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        neighbourhood=not no_neighbourhood,
+    )
+
+    def show_findings(found: diagnosis.Diagnosis) -> None:
+        if not as_json:
+            click.echo("\n".join(found.header_lines()))
+
+    result = diagnosis.run_diagnosis(plan, on_findings=show_findings, progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), sort_keys=True))
+    else:
+        for line in result.neighbourhood_lines():
+            click.echo(line)
+        click.echo(f"Wrote {' and '.join(result.files)} (also on the MLflow parent run of experiment {result.name})")
+    if result.interrupted:
+        click.echo("interrupted: run the same command again to continue", err=True)
+        raise click.exceptions.Exit(130)
+
+
 def _json_safe(value: Any) -> Any:
     """JSON has no inf/nan: those become strings so the output stays parseable."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -258,6 +318,7 @@ def _json_safe(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the group, turning our errors and click usage errors into one line and exit 2."""
+    _quiet_tensorflow()
     try:
         cli.main(args=argv, prog_name="lstm-sweep", standalone_mode=False)
     except click.exceptions.Exit as done:

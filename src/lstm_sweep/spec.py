@@ -373,20 +373,14 @@ def _suggest_one(trial: optuna.trial.BaseTrial, name: str, domain: Domain, facto
 
 # --- URL masking
 
-_PASSWORD_RE = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@?#]*:)(?P<password>[^@/?#]*)(?P<tail>@)")
+_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@?#\s]*:)(?P<password>\S+)(?P<tail>@)")
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password (scheme://user:password@host/...) replaced by ***; other URLs unchanged."""
-    try:
-        from sqlalchemy.engine import make_url
+def mask_url(text: str) -> str:
+    """`text` with the password of every URL in it (scheme://user:password@host/...) replaced by ***.
 
-        parsed = make_url(url)
-    except Exception:
-        return _PASSWORD_RE.sub(r"\g<head>***\g<tail>", url)
-    if parsed.password is None:
-        return url
-    return parsed.render_as_string(hide_password=True)
+    Works on a bare URL and on free text such as a database error message that quotes one."""
+    return _PASSWORD_RE.sub(r"\g<head>***\g<tail>", text)
 
 
 # --- loading

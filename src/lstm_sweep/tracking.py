@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,33 +18,13 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from lstm_sweep.train import TrialResult
+from lstm_sweep.spec import mask_url
+from lstm_sweep.train import RECORD_KEYS, TrialResult
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
 ROLE_TAG = "lstm_sweep.role"
 SWEEP_TAG = "lstm_sweep.sweep"
-EPOCH_METRICS = (
-    "train_loss",
-    "val_loss",
-    "skill",
-    "symbol_accuracy",
-    "accuracy_lift",
-    "distinct_symbols",
-    "pred_std_ratio",
-    "gate_saturation",
-    "hidden_spread",
-    "noise_to_grad",
-    "grad_norm_input_kernel",
-    "grad_norm_recurrent_kernel",
-    "grad_norm_bias",
-    "grad_norm_readout",
-)
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)(?P<pw>[^@\s]+)(?P<tail>@)")
-
-
-def mask_secrets(text: str) -> str:
-    """Replace the password of every URL in `text` with ***."""
-    return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+EPOCH_METRICS = tuple(k for k in RECORD_KEYS if k not in ("epoch", "baseline_loss", "majority_rate"))
 
 
 def artifact_root_for(tracking_uri: str) -> str | None:
@@ -100,11 +79,11 @@ class SweepTracker:
                 tags={ROLE_TAG: "parent", SWEEP_TAG: self.sweep_name},
             )
             run_id = run.info.run_id
-            params = [Param(k, mask_secrets(str(v))[:6000]) for k, v in _flatten(spec_dict).items()]
+            params = [Param(k, mask_url(str(v))[:6000]) for k, v in _flatten(spec_dict).items()]
             self.client.log_batch(run_id, params=params)
-            self.client.log_text(run_id, mask_secrets(json.dumps(spec_dict, indent=2, default=str)), "sweep.json")
+            self.client.log_text(run_id, mask_url(json.dumps(spec_dict, indent=2, default=str)), "sweep.json")
             if sweep_file_text is not None:
-                self.client.log_text(run_id, mask_secrets(sweep_file_text), "sweep.yaml")
+                self.client.log_text(run_id, mask_url(sweep_file_text), "sweep.yaml")
         self.parent_run_id = run_id
         return run_id
 
@@ -162,7 +141,7 @@ class SweepTracker:
             v = _finite(value) if not isinstance(value, bool) else None
             if v is not None and key not in ("epochs",):
                 metrics.append(Metric(f"final_{key}", v, now, 0))
-        run_params = [Param(k, mask_secrets(str(v))) for k, v in params.items()]
+        run_params = [Param(k, mask_url(str(v))) for k, v in params.items()]
         for start in range(0, max(len(metrics), 1), 900):
             self.client.log_batch(
                 run_id,

@@ -50,6 +50,22 @@ LAYOUT_FIELDS = (
     "stateful",
 )
 SAMPLE_LENGTH = 40
+RECORD_KEYS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "baseline_loss",
+    "skill",
+    "symbol_accuracy",
+    "majority_rate",
+    "accuracy_lift",
+    "distinct_symbols",
+    "pred_std_ratio",
+    "gate_saturation",
+    "hidden_spread",
+    "noise_to_grad",
+    *(f"grad_norm_{group}" for group in WEIGHT_GROUPS),
+)  # what every per-epoch record holds (callbacks, MLflow metrics, stored curves)
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 ANNEAL_GAMMA = 0.55
 
