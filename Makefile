@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/plateau.yaml
 
-.PHONY: sweep test test-slow lint report ui clean
+.PHONY: sweep test test-slow lint report ui browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/lstm-sweep ui
+
+browser:
+	scripts/install-browser.sh
 
 clean:
 	rm -rf $(VENV) results/*/ results/mlflow.db

@@ -158,6 +158,21 @@ def run(
     population: bool,
 ) -> None:
     """Run (or continue) a sweep: one Optuna trial per configuration, one MLflow run per replicate."""
+    _run_sweep_command(sweep_file, trials, storage, tracking_uri, no_tracking, quiet, workers, population)
+
+
+def _run_sweep_command(
+    sweep_file: str,
+    trials: int | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    no_tracking: bool,
+    quiet: bool,
+    workers: int,
+    population: bool,
+    batch_trials: int | None = None,
+) -> None:
+    """What `run` and `worker` do: open or join the sweep, train until its budget is done, print a summary."""
     from pathlib import Path
 
     from lstm_sweep.spec import load_sweep, mask_url
@@ -173,8 +188,16 @@ def run(
     sinks = []
     tracker = None
     if not no_tracking:
-        tracker = SweepTracker(uri, spec.name)
-        tracker.start_sweep(spec.to_dict(), Path(sweep_file).read_text(encoding="utf-8"))
+        from lstm_sweep.locks import StudyLock, engine_url
+
+        # Workers starting together would race to create the MLflow schema, experiment and parent run.
+        setup_lock = StudyLock(storage_url, spec.name)
+        try:
+            with setup_lock():
+                tracker = SweepTracker(engine_url(uri), spec.name)
+                tracker.start_sweep(spec.to_dict(), Path(sweep_file).read_text(encoding="utf-8"))
+        finally:
+            setup_lock.close()
         sinks.append(tracker)
     total = planned_trials(spec, trials)
     click.echo(
@@ -192,6 +215,7 @@ def run(
                 on_trial=progress.update,
                 workers=workers,
                 population=population,
+                batch_trials=batch_trials,
             )
         if outcome.interrupted:
             status = "KILLED"
@@ -241,6 +265,100 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     if root:
         cmd += ["--default-artifact-root", root]
     click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(cmd, check=False)
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--storage", required=True, help="the team's Optuna storage, e.g. postgresql://user:password@host/db")
+@click.option("--tracking-uri", required=True, help="the team's MLflow, e.g. http://host:5000 (see `server`)")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="stop after this many trials in all")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="training processes on this host (the stores stay in the main process)",
+)
+@click.option(
+    "--batch",
+    "batch_trials",
+    type=click.IntRange(min=1, max=1024),
+    default=8,
+    show_default=True,
+    help="trials taken at a time (smaller shares the queue more evenly between workers)",
+)
+@click.option("--population/--no-population", default=True, show_default=True, help="as for `run`")
+@click.option("--no-tracking", is_flag=True, help="do not log to MLflow (Optuna storage only)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def worker(
+    sweep_file: str,
+    storage: str,
+    tracking_uri: str,
+    trials: int | None,
+    workers: int,
+    batch_trials: int,
+    population: bool,
+    no_tracking: bool,
+    quiet: bool,
+) -> None:
+    """Join a sweep from any host: like `run`, for many concurrent processes on one shared study.
+
+    Every grid cell still trains exactly once; a worker that dies is noticed by the others after the grace
+    period (its trials are retried and its MLflow runs marked KILLED).
+    """
+    _run_sweep_command(
+        sweep_file, trials, storage, tracking_uri, no_tracking, quiet, workers, population, batch_trials=batch_trials
+    )
+
+
+@cli.command()
+@click.option("--backend-store-uri", required=True, help="where runs are stored, e.g. postgresql://user:pw@host/db")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; loopback unless you mean it")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option(
+    "--artifacts-destination",
+    default="results/mlartifacts",
+    show_default=True,
+    help="where the server keeps artifacts it receives (a folder or an object-store URI)",
+)
+def server(backend_store_uri: str, host: str, port: int, artifacts_destination: str) -> None:
+    """Start an MLflow tracking server for a team; workers pass --tracking-uri http://HOST:PORT.
+
+    Artifacts are proxied through the server (workers need no access to the artifact store).
+    """
+    import subprocess
+    from pathlib import Path
+
+    from lstm_sweep.locks import engine_url
+    from lstm_sweep.spec import mask_url
+    from lstm_sweep.tracking import ensure_local_store
+
+    ensure_local_store(backend_store_uri)
+    destination = artifacts_destination
+    if "://" not in destination:
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        destination = Path(destination).resolve().as_uri()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        engine_url(backend_store_uri),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--serve-artifacts",
+        "--artifacts-destination",
+        destination,
+    ]
+    click.echo(
+        f"MLflow tracking server on http://{host}:{port}, runs in {mask_url(backend_store_uri)}, "
+        f"artifacts in {mask_url(destination)} (Ctrl-C to stop)"
+    )
     with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(cmd, check=False)
 
@@ -320,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the group, turning our errors and click usage errors into one line and exit 2."""
     _quiet_tensorflow()
     try:
-        cli.main(args=argv, prog_name="lstm-sweep", standalone_mode=False)
+        result = cli.main(args=argv, prog_name="lstm-sweep", standalone_mode=False)
+        if isinstance(result, int):  # click returns a command's Exit code instead of raising it
+            return result
     except click.exceptions.Exit as done:
         return int(done.exit_code)
     except click.exceptions.Abort:

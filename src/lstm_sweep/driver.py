@@ -34,8 +34,8 @@ from lstm_sweep.executor import Job, JobFailed, Outcome, make_executor
 from lstm_sweep.spec import SweepSpec, mask_url
 from lstm_sweep.train import TrialResult, layout_key
 
-HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 120
+HEARTBEAT_SECONDS = 30  # override with LSTM_SWEEP_HEARTBEAT_SECONDS
+GRACE_SECONDS = 120  # override with LSTM_SWEEP_GRACE_SECONDS
 SKILL_FLOOR = -1.0  # a diverged replicate counts as skill -1 in the objective, not -inf
 
 
@@ -53,6 +53,31 @@ def config_id(params: Mapping[str, Any]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    from lstm_sweep.errors import ConfigError
+
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise ConfigError(name, value, "a whole number of seconds >= 1") from None
+    if seconds < 1:
+        raise ConfigError(name, value, "a whole number of seconds >= 1")
+    return seconds
+
+
+def heartbeat_seconds() -> int:
+    """How often a worker beats for its trials (LSTM_SWEEP_HEARTBEAT_SECONDS, default HEARTBEAT_SECONDS)."""
+    return _env_seconds("LSTM_SWEEP_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+
+
+def grace_seconds() -> int:
+    """How long without a beat before a trial counts as dead (LSTM_SWEEP_GRACE_SECONDS, default GRACE_SECONDS)."""
+    return _env_seconds("LSTM_SWEEP_GRACE_SECONDS", GRACE_SECONDS)
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -68,11 +93,13 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
+    from lstm_sweep.locks import engine_url
+
     return optuna.storages.RDBStorage(
-        url,
+        engine_url(url),
         engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
+        heartbeat_interval=heartbeat_seconds(),
+        grace_period=grace_seconds(),
         heartbeat_stale_trial_callback=_retry_stale,
     )
 
@@ -182,6 +209,29 @@ def recover(study: optuna.Study, spec: SweepSpec, limit: int | None) -> Recovery
             taken.add(key)
             rec.enqueued += 1
     return rec
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker stopped beating (older than the grace period) and return their numbers.
+
+    The driver asks and tells, so Optuna never runs this check for us. The storage's stale-trial callback
+    (`_retry_stale`) queues each one's parameters again; call it under the study lock, like `recover`.
+    """
+    before = {t._trial_id: t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not before:
+        return []
+    optuna.storages.fail_stale_trials(study)
+    after = {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return sorted(number for trial_id, number in before.items() if trial_id in after)
+
+
+def _close_orphans(sinks: Sequence[TrialSink], numbers: Sequence[int]) -> None:
+    if not numbers:
+        return
+    for sink in sinks:
+        close = getattr(sink, "close_orphans", None)
+        if close is not None:
+            close(numbers)
 
 
 def _layout_order(spec: SweepSpec, cell: Mapping[str, Any]) -> str:
@@ -351,7 +401,8 @@ class _Heartbeat:
                 self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
 
     def _beat(self) -> None:
-        while not self.stop_event.wait(HEARTBEAT_SECONDS):
+        interval = heartbeat_seconds()
+        while not self.stop_event.wait(interval):
             self._record()
 
 
@@ -430,14 +481,15 @@ def run_sweep(
     results are recorded by a background writer while the next group trains. `workers` > 1 trains in that many
     processes (the stores stay in this one); `population=False` trains every run on its own.
     """
-    study = open_study(spec, storage_url)
-    outcome = SweepOutcome(study=study)
-    total = planned_trials(spec, trials)
-    outcome.recovery = recover(study, spec, total)
-    for sink in sinks:
-        close = getattr(sink, "close_orphans", None)
-        if close is not None and outcome.recovery.abandoned:
-            close(outcome.recovery.abandoned)
+    from lstm_sweep.locks import StudyLock
+
+    study_lock = StudyLock(storage_url, spec.name)
+    with study_lock():  # several workers may start at once: each sees the others' enqueued cells
+        study = open_study(spec, storage_url)
+        outcome = SweepOutcome(study=study)
+        total = planned_trials(spec, trials)
+        outcome.recovery = recover(study, spec, total)
+    _close_orphans(sinks, outcome.recovery.abandoned)
     batch = batch_trials or BATCH_TRIALS[spec.sampler]
     verdict_counts: Counter[str] = Counter()
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -473,6 +525,11 @@ def run_sweep(
     try:
         with _Heartbeat(study) as heartbeat:
             while (remaining := total - done_count()) > 0:
+                with study_lock():
+                    stale = fail_stale(study)
+                if stale:
+                    outcome.recovery.failed_stale.extend(stale)
+                    _close_orphans(sinks, stale)
                 in_flight = propose(study, spec, min(batch, remaining))
                 if not in_flight:
                     break
@@ -502,6 +559,7 @@ def run_sweep(
     finally:
         writer.close()
         executor.close()
+        study_lock.close()
     return outcome
 
 

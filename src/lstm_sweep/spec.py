@@ -448,7 +448,7 @@ def _is_number(value: object) -> bool:
 
 
 def _short(value: object) -> str:
-    text = repr(value)
+    text = mask_url(repr(value))  # a bad value may quote a URL with a password: mask before truncating
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -496,8 +496,15 @@ def _parses_as_float(text: str) -> bool:
     return True
 
 
+def _key(key: object) -> str:
+    """A key as shown in a problem line: repr() unless it is printable text (a control character such as
+    \\x1e would otherwise split the one-line problem into two)."""
+    text = str(key)
+    return text if text.isprintable() and text.strip() == text and text else repr(key)
+
+
 def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
+    return f"{path}.{_key(key)}" if path else _key(key)
 
 
 def parse_sweep(data: object, source: str) -> SweepSpec:
@@ -508,7 +515,7 @@ def parse_sweep(data: object, source: str) -> SweepSpec:
         raise SweepFileError(problems.lines, source=source)
     for key in data:
         if key not in TOP_KEYS:
-            problems.unknown(str(key), key, "key", TOP_KEYS)
+            problems.unknown(_key(key), key, "key", TOP_KEYS)
 
     name = _parse_name(data, problems)
     description = data.get("description")
@@ -517,6 +524,8 @@ def parse_sweep(data: object, source: str) -> SweepSpec:
     elif not isinstance(description, str):
         problems.bad("description", description, "free text")
         description = ""
+    else:
+        description = mask_url(description)  # shown by validate, logged to MLflow and the study: no passwords
 
     sampler = data.get("sampler", "grid")
     if sampler not in SAMPLERS:
@@ -754,6 +763,9 @@ def _parse_range(factor: Factor, d: Mapping[str, Any], path: str, problems: _Pro
         return None
     if log and low <= 0:
         problems.bad(f"{path}.low", low, "a number > 0 with log: true")
+        return None
+    if step is not None and not int_factor and not math.isfinite((high - low) / step):
+        problems.bad(f"{path}.step", step, f"a step giving a finite number of values from {low} to {high}")
         return None
     if int_factor:
         step = int(step) if step is not None else 1
