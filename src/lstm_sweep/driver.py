@@ -193,8 +193,7 @@ def recover(study: optuna.Study, spec: SweepSpec, limit: int | None) -> Recovery
     if spec.sampler == "grid":
         cells = spec.grid_cells()[: limit if limit is not None else spec.trials]
         # Queue cells that share a data layout next to each other, so a batch forms few, large populations.
-        order = {id(c): _layout_order(spec, c) for c in cells}
-        wanted = sorted(cells, key=lambda c: order[id(c)])
+        wanted = sorted(cells, key=lambda c: _layout_order(spec, c))
     else:
         retried = {t.user_attrs.get("retry_of") for t in trials}
         wanted = [
