@@ -17,31 +17,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import tiny_sweep
 from lstm_sweep.locks import StudyLock, advisory_key, engine_url
 
 HOST, PORT = "127.0.0.1", 5432
 HEARTBEAT, GRACE = 1, 4
 
-SWEEP = """
-name: distributed
-sampler: grid
-replicates: 2
-fixed:
-  task: cycle
-  epochs: 3
-  stream_length: 240
-  batch_size: 8
-  state_size: 4
-  output_framing: classification
-factors:
-  learning_rate:
-    role: nuisance
-    values: [0.01, 0.1]
-  input_encoding:
-    values: [raw, onehot]
-  momentum:
-    values: [0.0, 0.5, 0.9]
-"""
+SWEEP = tiny_sweep("distributed", epochs=3, momenta="[0.0, 0.5, 0.9]")
 
 
 def _admin_connection():  # type: ignore[no-untyped-def]

@@ -15,33 +15,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import tiny_sweep
 from lstm_sweep.cli import main
-
-TINY = """
-name: {name}
-sampler: grid
-replicates: 2
-fixed:
-  task: cycle
-  epochs: {epochs}
-  stream_length: 240
-  batch_size: 8
-  state_size: 4
-  output_framing: classification
-factors:
-  learning_rate:
-    role: nuisance
-    values: [0.01, 0.1]
-  input_encoding:
-    values: [raw, onehot]
-  momentum:
-    values: {momenta}
-"""
 
 
 def write_sweep(tmp_path: Path, name: str, epochs: int = 2, momenta: str = "[0.9]") -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY.format(name=name, epochs=epochs, momenta=momenta))
+    path.write_text(tiny_sweep(name, epochs, momenta))
     return path
 
 
@@ -110,7 +90,7 @@ def test_tiny_sweep_end_to_end_and_second_run_trains_nothing(tmp_path, capsys):
 
 def test_bad_sweep_file_writes_nothing(tmp_path, capsys):
     sweep = tmp_path / "bad.yaml"
-    sweep.write_text(TINY.format(name="bad", epochs=2, momenta="[1.5]"))
+    sweep.write_text(tiny_sweep("bad", 2, "[1.5]"))
     code = main(run_args(sweep, tmp_path))
     err = capsys.readouterr().err
     assert code == 2
@@ -121,7 +101,7 @@ def test_bad_sweep_file_writes_nothing(tmp_path, capsys):
 def test_changed_sweep_definition_is_refused(tmp_path, capsys):
     sweep = write_sweep(tmp_path, "changing", epochs=1)
     assert main([*run_args(sweep, tmp_path), "--trials", "1", "--no-tracking"]) == 0
-    sweep.write_text(TINY.format(name="changing", epochs=3, momenta="[0.9]"))
+    sweep.write_text(tiny_sweep("changing", 3, "[0.9]"))
     assert main([*run_args(sweep, tmp_path), "--no-tracking"]) == 2
     assert "different sweep definition" in capsys.readouterr().err
 

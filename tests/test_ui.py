@@ -26,30 +26,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import tiny_sweep
 from lstm_sweep.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 SHARE_KEY = "lstm-sweep-ui-test"
 
-TINY = """
-name: uitiny
-sampler: grid
-replicates: 2
-fixed:
-  task: cycle
-  epochs: 1
-  stream_length: 240
-  batch_size: 8
-  state_size: 4
-  output_framing: classification
-factors:
-  learning_rate:
-    role: nuisance
-    values: [0.01, 0.1]
-  input_encoding:
-    values: [raw, onehot]
-"""
+TINY = tiny_sweep("uitiny", epochs=1)
 
 
 def chromium() -> str:

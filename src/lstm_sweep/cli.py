@@ -127,26 +127,36 @@ def _describe(spec: Any) -> str:
     return "\n".join(lines)
 
 
+def sweep_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `worker` share."""
+    options = [
+        click.option("--trials", type=click.IntRange(min=1), default=None, help="stop after this many trials in all"),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1, max=64),
+            default=1,
+            show_default=True,
+            help="training processes on this host (the stores stay in the main process)",
+        ),
+        click.option(
+            "--population/--no-population",
+            default=True,
+            show_default=True,
+            help="train trials that share a data layout as one batched graph",
+        ),
+        click.option("--no-tracking", is_flag=True, help="do not log to MLflow (Optuna storage only)"),
+        click.option("--quiet", is_flag=True, help="no progress bar"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @cli.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="stop after this many trials in all")
 @click.option("--storage", default=None, help="Optuna storage URL [default: the sweep file's, or SQLite in results/]")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
-@click.option("--no-tracking", is_flag=True, help="do not log to MLflow (Optuna storage only)")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1, max=64),
-    default=1,
-    show_default=True,
-    help="training processes (the stores stay in the main process)",
-)
-@click.option(
-    "--population/--no-population",
-    default=True,
-    show_default=True,
-    help="train trials that share a data layout as one batched graph",
-)
+@sweep_run_options
 def run(
     sweep_file: str,
     trials: int | None,
@@ -273,14 +283,7 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
 @click.option("--storage", required=True, help="the team's Optuna storage, e.g. postgresql://user:password@host/db")
 @click.option("--tracking-uri", required=True, help="the team's MLflow, e.g. http://host:5000 (see `server`)")
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="stop after this many trials in all")
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1, max=64),
-    default=1,
-    show_default=True,
-    help="training processes on this host (the stores stay in the main process)",
-)
+@sweep_run_options
 @click.option(
     "--batch",
     "batch_trials",
@@ -289,9 +292,6 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     show_default=True,
     help="trials taken at a time (smaller shares the queue more evenly between workers)",
 )
-@click.option("--population/--no-population", default=True, show_default=True, help="as for `run`")
-@click.option("--no-tracking", is_flag=True, help="do not log to MLflow (Optuna storage only)")
-@click.option("--quiet", is_flag=True, help="no progress bar")
 def worker(
     sweep_file: str,
     storage: str,
