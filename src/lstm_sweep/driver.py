@@ -12,6 +12,7 @@ or FAIL without an error (interrupted) is retried by enqueueing its parameters a
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -160,6 +161,15 @@ def _is_dead_local(t: FrozenTrial) -> bool:
     return int(pid) != os.getpid() and _pid_is_other_program(int(pid))
 
 
+def _never_claimed(t: FrozenTrial) -> bool:
+    """A trial popped from the queue by a worker that died before it could even sign it (no `worker` attribute,
+    hence no heartbeat either) and older than the grace period: nobody will ever finish it."""
+    if "worker" in t.user_attrs or t.datetime_start is None:
+        return False
+    age = datetime.datetime.now() - t.datetime_start
+    return age.total_seconds() > grace_seconds()
+
+
 def _pid_is_other_program(pid: int) -> bool:
     """A recycled pid belongs to another program if its command line does not mention lstm-sweep / lstm_sweep."""
     try:
@@ -183,7 +193,7 @@ def recover(study: optuna.Study, spec: SweepSpec, limit: int | None) -> Recovery
     rec = Recovery()
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _is_dead_local(t):
+        if _is_dead_local(t) or _never_claimed(t):
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             rec.failed_stale.append(t.number)
     trials = study.get_trials(deepcopy=False)
@@ -238,8 +248,12 @@ def _layout_order(spec: SweepSpec, cell: Mapping[str, Any]) -> str:
 
 
 def _trial_params(t: FrozenTrial) -> dict[str, Any]:
+    """The cell a trial stands for. A trial just popped from the queue has no params until it is suggested, so its
+    queued fixed params count: otherwise a concurrent `recover` would queue the same cell a second time."""
     fixed = t.system_attrs.get("fixed_params")
-    return dict(fixed) if t.state == TrialState.WAITING and fixed else dict(t.params)
+    if fixed and t.state in (TrialState.WAITING, TrialState.RUNNING):
+        return dict(fixed)
+    return dict(t.params)
 
 
 def _params_key(params: Mapping[str, Any]) -> str:
@@ -298,13 +312,13 @@ def propose(study: optuna.Study, spec: SweepSpec, count: int) -> list[Proposal]:
         if spec.sampler == "grid" and not _has_waiting(study):
             break
         trial = study.ask()
+        trial.set_user_attr("worker", worker_id())  # first thing: lets `recover` tell whose trial it is
         if spec.sampler == "grid" and "enqueued_by" not in trial.user_attrs:
             study.tell(trial, state=TrialState.PRUNED)  # another worker took the last queued cell
             break
         params = spec.suggest(trial)
         cid = config_id(params)
         configs = [spec.config_for(params, r) for r in range(spec.replicates)]
-        trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("config_id", cid)
         trial.set_user_attr("config", configs[0].as_dict() | {"seed": None})
         proposals.append(Proposal(trial, params, cid, configs))
