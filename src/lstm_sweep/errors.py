@@ -1,4 +1,4 @@
-"""The small exception tree: what the user got wrong vs. what went wrong in one trial."""
+"""The small exception tree: what the user got wrong. (A trial that raises is a result, `executor.JobFailed`.)"""
 
 from __future__ import annotations
 
@@ -65,7 +65,3 @@ class SweepFileError(ConfigError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.problems,), self.__dict__)
-
-
-class TrialFailed(LstmSweepError):
-    """One trial raised; the sweep records it as failed and goes on."""

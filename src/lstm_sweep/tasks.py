@@ -39,10 +39,6 @@ class Split:
     y: np.ndarray  # (steps, lanes, time) float32, regression targets in target scale
     labels: np.ndarray  # (steps, lanes, time) int32, target symbol indices
 
-    @property
-    def symbols(self) -> int:
-        return int(self.labels.size)
-
     def stream_order(self, values: np.ndarray) -> np.ndarray:
         """Reorder an array shaped like `labels` (plus trailing dims) into stream order."""
         moved = np.swapaxes(values, 0, 1)
