@@ -202,7 +202,8 @@ def recover(study: optuna.Study, spec: SweepSpec, limit: int | None) -> Recovery
     taken = {_params_key(_trial_params(t)) for t in live}
     if spec.sampler == "grid":
         cells = spec.grid_cells()[: limit if limit is not None else spec.trials]
-        # Queue cells that share a data layout next to each other, so a batch forms few, large populations.
+        # Queue cells that share a data layout next to each other, so a batch forms few, large populations; the
+        # costliest layouts first, so the small ones fill the workers' gaps at the end instead of a big one.
         wanted = sorted(cells, key=lambda c: _layout_order(spec, c))
     else:
         retried = {t.user_attrs.get("retry_of") for t in trials}
@@ -243,8 +244,14 @@ def _close_orphans(sinks: Sequence[TrialSink], numbers: Sequence[int]) -> None:
             close(numbers)
 
 
-def _layout_order(spec: SweepSpec, cell: Mapping[str, Any]) -> str:
-    return json.dumps(population_key(spec.config_for(cell, 0)), default=str)
+def _layout_order(spec: SweepSpec, cell: Mapping[str, Any]) -> tuple[float, str]:
+    config = spec.config_for(cell, 0)
+    return -relative_cost(config), json.dumps(population_key(config), default=str)
+
+
+def relative_cost(config: TrialConfig) -> float:
+    """A rough training cost per member, for ordering work: the recurrent matmuls dominate."""
+    return float(config.epochs * config.seq_len * config.state_size * (config.state_size + 16) * config.num_layers)
 
 
 def _trial_params(t: FrozenTrial) -> dict[str, Any]:
@@ -292,7 +299,9 @@ def objective_value(results: Sequence[TrialResult]) -> float:
     return sum(max(SKILL_FLOOR, s) if math.isfinite(s) else SKILL_FLOOR for s in skills) / len(skills)
 
 
-BATCH_TRIALS = {"grid": 64, "random": 64, "qmc": 64, "tpe": 1}  # TPE learns from each result before the next
+# Trials asked per batch. Big batches leave the workers idle less often (each batch ends when its slowest
+# population does); the last population of a batch waits for the next if the queue may hold more of it.
+BATCH_TRIALS = {"grid": 128, "random": 64, "qmc": 64, "tpe": 1}  # TPE learns from each result before the next
 
 
 @dataclass
@@ -308,9 +317,10 @@ class Proposal:
 def propose(study: optuna.Study, spec: SweepSpec, count: int) -> list[Proposal]:
     """Ask Optuna for up to `count` trials (grid: only enqueued cells, so no cell is ever proposed twice)."""
     proposals: list[Proposal] = []
+    if spec.sampler == "grid":
+        # Counted once, not before every ask: each look at the queue reads every queued trial from storage.
+        count = min(count, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
     for _ in range(count):
-        if spec.sampler == "grid" and not _has_waiting(study):
-            break
         trial = study.ask()
         trial.set_user_attr("worker", worker_id())  # first thing: lets `recover` tell whose trial it is
         if spec.sampler == "grid" and "enqueued_by" not in trial.user_attrs:
@@ -400,9 +410,14 @@ class _Heartbeat:
             self.thread.join(timeout=5)
 
     def hold(self, trials: Sequence[Trial]) -> None:
+        """Beat for these trials too, until each is released."""
         with self.lock:
-            self.trial_ids = {t._trial_id for t in trials}
+            self.trial_ids |= {t._trial_id for t in trials}
         self._record()
+
+    def release(self, trial: Trial) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial._trial_id)
 
     def _record(self) -> None:
         if not self.enabled:
@@ -512,42 +527,68 @@ def run_sweep(
     def done_count() -> int:
         return sum(1 for t in study.get_trials(deepcopy=False) if _is_done(t))
 
-    def finish(proposal: Proposal, state: TrialState, value: float | None, verdicts: Sequence[str]) -> None:
-        frozen = study.tell(proposal.trial, value if state == TrialState.COMPLETE else None, state=state)
-        with counter_lock:
+    # Progress counts what storage said at the last batch plus what this process finished since: reading every
+    # trial after each one would make a sweep quadratic in its size.
+    progress = {"done_at_batch": 0, "finished_since": 0}
+    writing = {"trials": 0}  # trained, handed to the writer, not yet told: neither done nor to be proposed again
+    heartbeat = _Heartbeat(study)
+
+    def finish(
+        proposal: Proposal, state: TrialState, value: float | None, verdicts: Sequence[str], written: bool = False
+    ) -> None:
+        with counter_lock:  # told and uncounted from `writing` at once, so `remaining` never counts a trial twice
+            frozen = study.tell(proposal.trial, value if state == TrialState.COMPLETE else None, state=state)
+            writing["trials"] -= int(written)
             if state == TrialState.COMPLETE:
                 outcome.trained += 1
                 outcome.verdicts.update(verdicts)
                 verdict_counts.update(verdicts)
             elif state == TrialState.FAIL:
                 outcome.failed += 1
+            if state in (TrialState.COMPLETE, TrialState.FAIL):  # what done_count counts
+                progress["finished_since"] += 1
             if on_trial:
-                on_trial(frozen, verdict_counts, done_count(), total)
+                on_trial(frozen, verdict_counts, progress["done_at_batch"] + progress["finished_since"], total)
+        heartbeat.release(proposal.trial)
+
+    def remaining_trials() -> int:
+        with counter_lock:
+            return total - _refresh(progress, done_count()) - writing["trials"]
 
     def record_job(group: list[Proposal], results: list[list[TrialResult]]) -> Callable[[], None]:
         def job() -> None:
             for proposal, trial_results in zip(group, results, strict=True):
                 value = record_results(proposal, trial_results, sinks)
-                finish(proposal, TrialState.COMPLETE, value, [r.verdict for r in trial_results])
+                finish(proposal, TrialState.COMPLETE, value, [r.verdict for r in trial_results], written=True)
 
         return job
 
     writer = _Writer()
-    executor = make_executor(workers)
-    in_flight: list[Proposal] = []
+    executor = make_executor(workers, render_curves=any(getattr(sink, "draws_curves", False) for sink in sinks))
+    in_flight: list[Proposal] = []  # every trial this run asked for; on Ctrl-C the untold ones are failed
+    carry: list[Proposal] = []
     try:
-        with _Heartbeat(study) as heartbeat:
-            while (remaining := total - done_count()) > 0:
+        with heartbeat:
+            # No waiting for the writer between batches: the workers train the next batch while it records.
+            while (remaining := remaining_trials()) > 0:
                 with study_lock():
                     stale = fail_stale(study)
                 if stale:
                     outcome.recovery.failed_stale.extend(stale)
                     _close_orphans(sinks, stale)
-                in_flight = propose(study, spec, min(batch, remaining))
-                if not in_flight:
+                wanted = max(0, min(batch, remaining) - len(carry))
+                fresh = propose(study, spec, wanted)
+                in_flight += fresh
+                if not carry + fresh:
                     break
-                heartbeat.hold([p.trial for p in in_flight])
-                groups = group_by_layout(in_flight)
+                heartbeat.hold([p.trial for p in fresh])
+                groups = group_by_layout(carry + fresh)
+                carry = []
+                if len(groups) > 1 and wanted > 0 and len(fresh) == wanted:
+                    # The queue may hold more cells of the last layout: train that population whole, next batch.
+                    carry = groups.pop()
+                # Longest first: with several workers the batch then ends close to when its total work does.
+                groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
                 job_groups = [jobs_for(group, population) for group in groups]
                 outcomes = executor.run([job for jobs in job_groups for job in jobs], spec.thresholds)
                 for group, jobs in zip(groups, job_groups, strict=True):
@@ -558,9 +599,10 @@ def run_sweep(
                             proposal.trial.set_user_attr("traceback", mask_url(results.traceback)[-4000:])
                             finish(proposal, TrialState.FAIL, None, [])
                         continue
+                    with counter_lock:
+                        writing["trials"] += len(group)
                     writer.submit(record_job(group, results))
-                writer.drain()
-                in_flight = []
+            writer.drain()
     except KeyboardInterrupt:
         outcome.interrupted = True
         try:
@@ -576,5 +618,6 @@ def run_sweep(
     return outcome
 
 
-def _has_waiting(study: optuna.Study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+def _refresh(progress: dict[str, int], done: int) -> int:
+    progress["done_at_batch"], progress["finished_since"] = done, 0
+    return done

@@ -40,11 +40,19 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def run_job(job: Job, thresholds: Thresholds) -> Outcome:
+def run_job(job: Job, thresholds: Thresholds, render_curves: bool = False) -> Outcome:
+    """Train one job; with render_curves, also draw each result's curves.png here (in a worker process that is
+    parallel work taken off the single writer thread, which otherwise trails the workers at the end)."""
     from lstm_sweep.train import train_population
 
     try:
-        return train_population(job, thresholds=thresholds)
+        results = train_population(job, thresholds=thresholds)
+        if render_curves:
+            from lstm_sweep.tracking import curve_png
+
+            for result in results:
+                result.artifacts["curves.png"] = curve_png(result)
+        return results
     except Exception as err:
         return JobFailed(f"{err.__class__.__name__}: {err}", traceback.format_exc())
 
@@ -60,33 +68,45 @@ class InProcess:
         pass
 
 
+def configure_threads(inter_op: int) -> None:
+    """One thread per op. These graphs are chains of tiny ops: splitting one op over cores costs more in hand-offs
+    than it saves (measured: a single thread per op is as fast as two), while running independent ops side by
+    side (`inter_op`) does pay in one process. Must run before TensorFlow's first op; later it cannot change."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        pass  # TensorFlow already ran an op in this process (a notebook, a test): keep its settings
+
+
 def _init_worker() -> None:
     """One TF thread per worker: N workers on N cores, instead of N workers fighting over every core."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    configure_threads(inter_op=1)
 
 
-def _run_job_star(args: tuple[Job, Thresholds]) -> Outcome:
+def _run_job_star(args: tuple[Job, Thresholds, bool]) -> Outcome:
     return run_job(*args)
 
 
 class WorkerPool:
     """`--workers N`: N spawned processes; jobs are handed out as workers free up, results come back in order."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, render_curves: bool = False) -> None:
         context = multiprocessing.get_context("spawn")
         self.pool = context.Pool(workers, initializer=_init_worker)
+        self.render_curves = render_curves
 
     def run(self, jobs: Sequence[Job], thresholds: Thresholds) -> Iterator[Outcome]:
-        yield from self.pool.imap(_run_job_star, [(job, thresholds) for job in jobs])
+        yield from self.pool.imap(_run_job_star, [(job, thresholds, self.render_curves) for job in jobs])
 
     def close(self) -> None:
         self.pool.terminate()
         self.pool.join()
 
 
-def make_executor(workers: int) -> Executor:
-    return WorkerPool(workers) if workers > 1 else InProcess()
+def make_executor(workers: int, render_curves: bool = False) -> Executor:
+    """In this process for one worker (the writer thread then draws curves beside training), else a pool."""
+    return WorkerPool(workers, render_curves) if workers > 1 else InProcess()

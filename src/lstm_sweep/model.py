@@ -137,22 +137,25 @@ def forward(
     arch: Architecture,
     params: dict[str, tf.Tensor],
     x: tf.Tensor,
-    state: list[LayerState],
+    state: list[LayerState] | None,
     forget_bias: tf.Tensor,
-    unit_mask: tf.Tensor,
-    with_stats: bool = True,
+    unit_mask: tf.Tensor | None,
 ) -> tuple[tf.Tensor, list[LayerState], tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Run the stack over one window.
+    """Run the stack over one window, from the given state or (state None) from the zero state.
 
     x: (lanes, time, features), shared by all members. Returns outputs (members, lanes, time, outputs), the final
     state, the top layer's hidden states (members, lanes, time, units), and per member the count of gate
     pre-activations with |z| > 4 and the count of real gate pre-activations (for the saturation fraction).
-    Training passes with_stats=False: the saturation count is a diagnostic, not part of the loss.
+
+    Training passes unit_mask=None: padded units then stay exactly zero without masking, because their weights
+    are zero (tanh(0) = 0 keeps c and h at zero), and the saturation count, a diagnostic, is skipped.
+    From the zero state the first step's recurrent matmul and forget term are exactly zero and are not computed:
+    with seq_len 1 (the seed's layout) that is most of the arithmetic.
     """
-    members = tf.shape(unit_mask)[0]
+    members = tf.shape(params["readout_bias"])[0]
     lanes, steps = x.shape[0], x.shape[1]
     n = arch.max_units
-    mask = unit_mask[:, None, :]
+    mask = unit_mask[:, None, :] if unit_mask is not None else None
     fb = forget_bias[:, None, None]
     saturated = tf.zeros((members,))
     layer_in = tf.tile(tf.reshape(x, (1, -1, arch.num_features)), [members, 1, 1])
@@ -163,23 +166,27 @@ def forward(
         w_rec = tf.reshape(params[f"l{layer}_recurrent_kernel"], (-1, n, GATES * n))
         bias = tf.reshape(params[f"l{layer}_bias"], (-1, 1, GATES * n))
         z_in = tf.reshape(tf.matmul(layer_in, w_in) + bias, (-1, lanes, steps, GATES * n))
-        h, c = state[layer]
+        h, c = state[layer] if state is not None else (None, None)
         hs = []
         for t in range(steps):
-            z = z_in[:, :, t] + tf.matmul(h, w_rec)
+            z = z_in[:, :, t] if h is None else z_in[:, :, t] + tf.matmul(h, w_rec)
             zi, zj, zf, zo = tf.split(z, GATES, axis=-1)
-            if with_stats:
+            if mask is not None:
                 saturated += sum(
                     tf.reduce_sum(tf.cast(tf.abs(g) > 4.0, tf.float32) * mask, axis=[1, 2])
                     for g in (zi, zj, zf + fb, zo)
                 )
-            c = (c * tf.sigmoid(zf + fb) + tf.sigmoid(zi) * tf.tanh(zj)) * mask
-            h = tf.tanh(c) * tf.sigmoid(zo) * mask
+            written = tf.sigmoid(zi) * tf.tanh(zj)
+            c = written if c is None else c * tf.sigmoid(zf + fb) + written
+            h = tf.tanh(c) * tf.sigmoid(zo)
+            if mask is not None:
+                c, h = c * mask, h * mask
             hs.append(h)
         new_state.append((h, c))
         layer_in = tf.reshape(tf.stack(hs, axis=2), (-1, lanes * steps, n))
     top = tf.stack(hs, axis=2)
     outputs = tf.matmul(layer_in, params["readout_kernel"]) + params["readout_bias"][:, None, :]
     outputs = tf.reshape(outputs, (-1, lanes, steps, arch.num_outputs))
-    real = tf.reduce_sum(unit_mask, axis=1) * float(GATES * lanes * steps * arch.num_layers)
+    real = tf.zeros((members,)) if unit_mask is None else tf.reduce_sum(unit_mask, axis=1)
+    real *= float(GATES * lanes * steps * arch.num_layers)
     return outputs, new_state, top, saturated, real

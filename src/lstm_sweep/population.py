@@ -1,0 +1,383 @@
+"""The compiled population: TF variables and per-epoch functions for members that share one data layout.
+
+All of a member's weights live in one flat row of a (members, weights) matrix, and so do its optimizer slots and
+masks. The forward pass reads views of that row; everything after the gradient (masking, noise, clipping, the
+optimizer, the diagnostics) is then a handful of passes over one matrix instead of a dozen passes over each
+parameter. On these tiny models that per-weight work, not the matmuls, used to dominate a step.
+
+With seq_len 1 and no carried state the recurrent kernels never reach the output (they only ever multiply the
+zero state), so they sit outside that matrix, untouched: no update, no noise. The noise/gradient diagnostic is
+therefore over the weights that can affect the loss.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from lstm_sweep.config import TrialConfig
+from lstm_sweep.model import (
+    WEIGHT_GROUPS,
+    Architecture,
+    LayerState,
+    forward,
+    init_member,
+    param_coords,
+    param_masks,
+    weight_group,
+    zero_state,
+)
+from lstm_sweep.noise import gaussian, symmetric, weight_ids
+from lstm_sweep.tasks import SequenceData
+
+ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7
+ANNEAL_GAMMA = 0.55
+XLA_MIN_WORK = 256  # seq_len x state size from which XLA pays for its compile
+HYPER_KEYS = ("learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "frozen", "forget_bias")
+
+
+def uses_xla(layout: TrialConfig, max_units: int) -> bool:
+    """Whether a population's epoch is compiled with XLA: `LSTM_SWEEP_XLA` = 1 or 0 forces it.
+
+    By default only when seq_len x units >= XLA_MIN_WORK. Unrolled time steps are many small ops that XLA
+    fuses: measured here at seq_len 8 with 64 units, 13 ms a step instead of 27 (one thread). But a compile
+    costs about 3 s per layout, which small layouts never earn back (seq_len 8 with 16 units: 2.3 ms a step
+    instead of 5.1, the same total over a 20-epoch trial; seq_len 1 is slower under XLA).
+    """
+    forced = os.environ.get("LSTM_SWEEP_XLA", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return layout.seq_len * max_units >= XLA_MIN_WORK
+
+
+def _one_hot_columns(labels: np.ndarray, classes: int) -> np.ndarray:
+    """(weights, classes) float32 matrix: a matmul with it sums a row's weights per class."""
+    out = np.zeros((labels.size, classes), np.float32)
+    out[np.arange(labels.size), labels] = 1.0
+    return out
+
+
+class Population:
+    """Members sharing one data layout, trained as one graph; reusable across trials via `load`."""
+
+    def __init__(self, data: SequenceData, layout: TrialConfig, members: int, max_units: int) -> None:
+        self.data = data
+        self.layout = layout
+        self.members = members
+        self.regression = layout.output_framing == "regression"
+        self.stateful = layout.stateful
+        self.arch = Architecture(
+            num_features=data.num_features,
+            num_outputs=1 if self.regression else data.num_classes,
+            num_layers=layout.num_layers,
+            max_units=max_units,
+        )
+        self.names = self.arch.param_names()
+        self.shapes = self.arch.param_shapes()
+        # seq_len 1 from a zero state: h is 0 whenever a recurrent kernel is applied, so it can never touch the
+        # output. Such kernels are left out of the trained matrix (at 64 units they are 80% of the weights).
+        stateless_one_step = layout.seq_len == 1 and not layout.stateful
+        self.idle_names = [n for n in self.names if stateless_one_step and n.endswith("recurrent_kernel")]
+        self.trained_names = [n for n in self.names if n not in self.idle_names]
+        sizes = {n: int(np.prod(self.shapes[n])) for n in self.names}
+        self.sizes = [sizes[n] for n in self.trained_names]
+        self.idle_sizes = [sizes[n] for n in self.idle_names]
+        width = sum(self.sizes)
+        param_index = np.repeat([self.names.index(n) for n in self.trained_names], self.sizes)
+        trained_param = np.repeat(np.arange(len(self.trained_names)), self.sizes)
+        groups = np.asarray([WEIGHT_GROUPS.index(weight_group(n)) for n in self.trained_names])
+        coords = param_coords(self.arch)
+        self.param_of = tf.constant(_one_hot_columns(trained_param, len(self.trained_names)))
+        self.group_of = tf.constant(_one_hot_columns(groups[trained_param], len(WEIGHT_GROUPS)))
+        ids = weight_ids(param_index, np.concatenate([coords[n].ravel() for n in self.trained_names]))
+        self.ids = tf.constant(ids)
+
+        def var(shape: tuple[int, ...], dtype: tf.DType = tf.float32) -> tf.Variable:
+            return tf.Variable(tf.zeros((members, *shape), dtype), trainable=False)
+
+        self.theta = var((width,))  # every trained weight of a member, in one row
+        self.idle = var((sum(self.idle_sizes),))  # weights that cannot affect the output: kept at their init
+        self.real_mask = var((width,))  # 1 where a member really has a weight
+        self.idle_mask = var((sum(self.idle_sizes),))
+        self.train_mask = var((width,))  # real and trained (readout_only freezes the LSTM)
+        self.real_counts = var((len(self.trained_names),))
+        self.velocity, self.adam_m, self.adam_v = var((width,)), var((width,)), var((width,))
+        self.hyper = {k: var(()) for k in HYPER_KEYS}
+        self.seeds = var((), tf.uint32)
+        self.unit_mask = var((max_units,))
+        self.alive = tf.Variable(tf.ones((members,), tf.bool), trainable=False)
+        self.diverged_step = tf.Variable(tf.fill((members,), tf.constant(-1, tf.int64)), trainable=False)
+        self.step = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        # Data live in variables, so layouts of equal shapes (raw and scaled inputs, say) share one compiled graph.
+        self.train_x = tf.Variable(data.train.x, trainable=False)
+        self.train_y = tf.Variable(data.train.y, trainable=False)
+        self.train_labels = tf.Variable(data.train.labels, trainable=False)
+        self.val_x = tf.Variable(data.val.x, trainable=False)
+        self.xla = uses_xla(layout, max_units)
+        self._train_epoch = tf.function(self._train_epoch_graph, jit_compile=self.xla)
+
+    @staticmethod
+    def shape_key(data: SequenceData, layout: TrialConfig, members: int, max_units: int) -> tuple[object, ...]:
+        """Populations with equal keys have identical graphs and can take each other's data (`use_data`)."""
+        return (
+            data.train.x.shape,
+            data.train.y.shape,
+            data.val.x.shape,
+            data.num_classes,
+            layout.output_framing,
+            layout.stateful,
+            layout.num_layers,
+            members,
+            max_units,
+            uses_xla(layout, max_units),
+        )
+
+    def use_data(self, data: SequenceData) -> None:
+        """Train on other data of the same shapes (see `shape_key`)."""
+        if data is not self.data:
+            self.data = data
+            for var, value in (
+                (self.train_x, data.train.x),
+                (self.train_y, data.train.y),
+                (self.train_labels, data.train.labels),
+                (self.val_x, data.val.x),
+            ):
+                var.assign(value)
+
+    # --- views -------------------------------------------------------------------------------------------
+
+    def views(self, flat: tf.Tensor, idle: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        """Each parameter's (members, *shape) view of a flat (members, weights) matrix (and of the idle one)."""
+        out = self._split(flat, self.trained_names, self.sizes)
+        if idle is None:
+            idle = tf.convert_to_tensor(self.idle)
+        return out | self._split(idle, self.idle_names, self.idle_sizes)
+
+    def _split(self, flat: tf.Tensor, names: Sequence[str], sizes: Sequence[int]) -> dict[str, tf.Tensor]:
+        if not names:
+            return {}
+        parts = tf.split(flat, sizes, axis=1) if len(names) > 1 else [flat]
+        return {n: tf.reshape(part, (-1, *self.shapes[n])) for n, part in zip(names, parts, strict=True)}
+
+    @property
+    def params(self) -> dict[str, tf.Tensor]:
+        """Every parameter, trained or idle, as (members, *shape) tensors."""
+        views = self.views(tf.convert_to_tensor(self.theta))
+        return {n: views[n] for n in self.names}
+
+    @property
+    def masks(self) -> dict[str, tf.Tensor]:
+        """1 where a member really has a weight, per parameter."""
+        views = self.views(tf.convert_to_tensor(self.real_mask), tf.convert_to_tensor(self.idle_mask))
+        return {n: views[n] for n in self.names}
+
+    def _flat(self, per_member: Sequence[dict[str, np.ndarray]], names: Sequence[str]) -> np.ndarray:
+        rows = [np.concatenate([m[n].ravel() for n in names] or [np.zeros(0, np.float32)]) for m in per_member]
+        return np.stack(rows)
+
+    # --- loading -----------------------------------------------------------------------------------------
+
+    def load(self, configs: Sequence[TrialConfig]) -> None:
+        """Reset every variable to the given members' initial state."""
+        if len(configs) != self.members:
+            raise ValueError(f"population of {self.members} loaded with {len(configs)} configurations")
+        masks = [param_masks(self.arch, c.state_size) for c in configs]
+        inits = [init_member(self.arch, c.state_size, c.seed) for c in configs]
+        real = self._flat(masks, self.trained_names)
+        lstm = np.asarray([weight_group(n) != "readout" for n in self.trained_names]).repeat(self.sizes)
+        frozen = np.asarray([c.recurrent_training == "readout_only" for c in configs])
+        self.theta.assign(self._flat(inits, self.trained_names))
+        self.idle.assign(self._flat(inits, self.idle_names))
+        self.real_mask.assign(real)
+        self.idle_mask.assign(self._flat(masks, self.idle_names))
+        self.train_mask.assign(real * ~(frozen[:, None] & lstm[None, :]))
+        self.real_counts.assign(real @ self.param_of.numpy())
+        for slot in (self.velocity, self.adam_m, self.adam_v):
+            slot.assign(tf.zeros_like(slot))
+        values = {
+            "learning_rate": [c.learning_rate for c in configs],
+            "momentum": [c.momentum for c in configs],
+            "adam": [c.optimizer == "adam" for c in configs],
+            "grad_noise": [c.grad_noise for c in configs],
+            "annealed": [c.grad_noise_schedule == "annealed" for c in configs],
+            "grad_clip": [c.grad_clip for c in configs],
+            "frozen": list(frozen),
+            "forget_bias": [c.forget_bias for c in configs],
+        }
+        for key, vals in values.items():
+            self.hyper[key].assign(np.asarray(vals, np.float32))
+        self.seeds.assign(np.asarray([c.seed for c in configs], np.uint32))
+        units = np.arange(self.arch.max_units)
+        self.unit_mask.assign(np.stack([units < c.state_size for c in configs]).astype(np.float32))
+        self.alive.assign(tf.ones((self.members,), tf.bool))
+        self.diverged_step.assign(tf.fill((self.members,), tf.constant(-1, tf.int64)))
+        self.step.assign(0)
+
+    # --- one step's pieces ---------------------------------------------------------------------------------
+
+    def _loss(self, outputs: tf.Tensor, y: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        if self.regression:
+            return tf.reduce_mean(tf.square(outputs[..., 0] - y[None]), axis=[1, 2])
+        labels = tf.broadcast_to(labels[None], tf.shape(outputs)[:-1])
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=outputs)
+        return tf.reduce_mean(ce, axis=[1, 2])
+
+    def _noise(self, live: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        """Per-weight gradient noise, zero for members without noise and for dead members.
+
+        seed schedule: U(-1, 1) * mean|w| of the weight's parameter * grad_noise (the seed's recipe);
+        annealed: N(0, grad_noise / step^0.55) (Neelakantan et al. 2015).
+        """
+        h = self.hyper
+        noisy = h["grad_noise"] * live
+        seeded = noisy * (1.0 - h["annealed"])
+        annealed = noisy * h["annealed"]
+        step_u32 = tf.cast(step, tf.uint32)
+
+        def seed_schedule() -> tf.Tensor:
+            mean_abs = tf.matmul(tf.abs(self.theta) * self.real_mask, self.param_of) / tf.maximum(self.real_counts, 1)
+            scale = tf.matmul(mean_abs * seeded[:, None], self.param_of, transpose_b=True)
+            return symmetric(self.seeds, step_u32, self.ids) * scale
+
+        def annealed_schedule() -> tf.Tensor:
+            std = tf.sqrt(annealed / tf.pow(tf.cast(step, tf.float32), ANNEAL_GAMMA))
+            return gaussian(self.seeds, step_u32, self.ids) * std[:, None]
+
+        def zeros() -> tf.Tensor:
+            return tf.zeros_like(self.theta)
+
+        noise = tf.cond(tf.reduce_any(seeded > 0), seed_schedule, zeros)
+        noise = tf.cond(tf.reduce_any(annealed > 0), lambda: noise + annealed_schedule(), lambda: noise)
+        return noise * self.train_mask
+
+    def _clip(self, g: tf.Tensor) -> tf.Tensor:
+        clip = self.hyper["grad_clip"]
+        norm = tf.sqrt(tf.reduce_sum(tf.square(g), axis=1))
+        return g * tf.where(clip > 0, tf.minimum(1.0, clip / tf.maximum(norm, 1e-12)), 1.0)[:, None]
+
+    def _momentum_update(self, g: tf.Tensor) -> tf.Tensor:
+        """TF1 MomentumOptimizer: accumulator = momentum * accumulator + g; the update is the accumulator."""
+        velocity = self.hyper["momentum"][:, None] * self.velocity + g
+        self.velocity.assign(velocity)
+        return velocity
+
+    def _adam_update(self, g: tf.Tensor) -> tf.Tensor:
+        t = tf.cast(self.step, tf.float32)
+        m = ADAM_BETA1 * self.adam_m + (1 - ADAM_BETA1) * g
+        v = ADAM_BETA2 * self.adam_v + (1 - ADAM_BETA2) * tf.square(g)
+        self.adam_m.assign(m)
+        self.adam_v.assign(v)
+        return (m / (1 - ADAM_BETA1**t)) / (tf.sqrt(v / (1 - ADAM_BETA2**t)) + ADAM_EPSILON)
+
+    def _update(self, g: tf.Tensor) -> tf.Tensor:
+        """Each optimizer's slot arithmetic is several passes over every weight: run only the ones in use."""
+        adam = self.hyper["adam"] > 0.5
+        any_adam, all_adam = tf.reduce_any(adam), tf.reduce_all(adam)
+
+        def mixed() -> tf.Tensor:
+            return tf.where(adam[:, None], self._adam_update(g), self._momentum_update(g))
+
+        return tf.cond(
+            all_adam,
+            lambda: self._adam_update(g),
+            lambda: tf.cond(any_adam, mixed, lambda: self._momentum_update(g)),
+        )
+
+    # --- compiled epochs -----------------------------------------------------------------------------------
+
+    def train_epoch(self) -> dict[str, tf.Tensor]:
+        """One pass over the training stream, compiled (with XLA when `uses_xla` says so)."""
+        return self._train_epoch()
+
+    def _train_epoch_graph(self) -> dict[str, tf.Tensor]:
+        """One pass over the training stream; returns per-member means for the epoch's diagnostics.
+
+        A member whose loss or gradient turns non-finite is marked dead at that step and never updated again;
+        the others go on untouched (every operation below is per member).
+        """
+        p = self.members
+        steps, lanes = self.train_x.shape[0], self.train_x.shape[1]
+        train_x, train_y, labels = (tf.convert_to_tensor(v) for v in (self.train_x, self.train_y, self.train_labels))
+        h = self.hyper
+        loss_sum = tf.zeros((p,))
+        group_sums = tf.zeros((p, len(WEIGHT_GROUPS)))
+        ratio_sum = tf.zeros((p,))
+        state: list[LayerState] = zero_state(self.arch, p, lanes)  # carried only when stateful
+        for s in tf.range(steps):
+            theta = tf.convert_to_tensor(self.theta)
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                out, carried, _, _, _ = forward(
+                    self.arch,
+                    self.views(theta),
+                    train_x[s],
+                    state if self.stateful else None,
+                    h["forget_bias"],
+                    None,
+                )
+                loss = self._loss(out, train_y[s], labels[s])
+                total = tf.reduce_sum(tf.where(tf.math.is_finite(loss), loss, 0.0))
+            if self.stateful:
+                state = [(tf.stop_gradient(a), tf.stop_gradient(b)) for a, b in carried]
+            finite, group_sq, grad_sq, noise_sq = self._apply(tape.gradient(total, theta), loss)
+            loss_sum += tf.where(finite, loss, 0.0)
+            group_sums += tf.where(finite[:, None], tf.sqrt(group_sq), 0.0)
+            ratio_sum += tf.where(finite, tf.sqrt(noise_sq) / tf.maximum(tf.sqrt(grad_sq), 1e-12), 0.0)
+        n = float(steps)
+        return {"train_loss": loss_sum / n, "grad_norms": group_sums / n, "noise_to_grad": ratio_sum / n}
+
+    def _apply(self, grad: tf.Tensor, loss: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Everything after the gradient: divergence check, noise, clipping, the optimizer, the diagnostics."""
+        p = self.members
+        h = self.hyper
+        any_noise = tf.reduce_any(h["grad_noise"] > 0)
+        any_clip = tf.reduce_any(h["grad_clip"] > 0)
+        g = grad * self.train_mask
+        self.step.assign_add(1)
+        group_sq = tf.matmul(tf.square(g), self.group_of)
+        grad_sq = tf.reduce_sum(group_sq, axis=1)
+        finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_sq)
+        self.diverged_step.assign(tf.where(self.alive & ~finite, self.step, self.diverged_step))
+        self.alive.assign(self.alive & finite)
+        live = tf.cast(self.alive, tf.float32)
+        g = tf.where(self.alive[:, None], g, 0.0)
+        g, noise_sq = tf.cond(any_noise, lambda: self._with_noise(g, live), lambda: (g, tf.zeros((p,))))
+        g = tf.cond(any_clip, lambda: self._clip(g), lambda: g)
+        self.theta.assign_sub((h["learning_rate"] * live)[:, None] * self._update(g))
+        return finite, group_sq, grad_sq, noise_sq
+
+    def _with_noise(self, g: tf.Tensor, live: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        noise = self._noise(live, self.step)
+        return g + noise, tf.reduce_sum(tf.square(noise), axis=1)
+
+    @tf.function
+    def evaluate(self) -> dict[str, tf.Tensor]:
+        """Run the validation windows; returns outputs, top hidden states and the gate-saturation fraction."""
+        p = self.members
+        steps, lanes = self.val_x.shape[0], self.val_x.shape[1]
+        val_x = tf.convert_to_tensor(self.val_x)
+        params = self.views(tf.convert_to_tensor(self.theta))
+        state: list[LayerState] = zero_state(self.arch, p, lanes)  # carried only when stateful
+        outs = tf.TensorArray(tf.float32, size=steps)
+        hidden = tf.TensorArray(tf.float32, size=steps)
+        saturated = tf.zeros((p,))
+        real = tf.zeros((p,))
+        for s in tf.range(steps):
+            out, carried, top, sat, count = forward(
+                self.arch,
+                params,
+                val_x[s],
+                state if self.stateful else None,
+                self.hyper["forget_bias"],
+                self.unit_mask,
+            )
+            if self.stateful:
+                state = carried
+            outs = outs.write(s, out)
+            hidden = hidden.write(s, top)
+            saturated += sat
+            real += count
+        return {"outputs": outs.stack(), "hidden": hidden.stack(), "saturation": saturated / tf.maximum(real, 1.0)}
