@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/plateau.yaml
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: sweep test test-slow lint report ui browser clean
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 sweep: $(STAMP)
-	$(BIN)/lstm-sweep run $(SWEEP)
+	$(BIN)/lstm-sweep run $(SWEEP) --workers $(WORKERS)
 	$(BIN)/lstm-sweep report $(SWEEP)
 
 test: $(STAMP)

@@ -76,8 +76,10 @@ def seed(as_json: bool, **options: Any) -> None:
 
     config = SEED_CONFIG.replace(**_overrides(options))
     _quiet_tensorflow()
+    from lstm_sweep.executor import configure_threads
     from lstm_sweep.train import train
 
+    configure_threads(inter_op=2)
     result = train(config)
     summary = result.summary()
     if as_json:

@@ -60,6 +60,9 @@ def run_job(job: Job, thresholds: Thresholds, render_curves: bool = False) -> Ou
 class InProcess:
     """Train in this process (the default)."""
 
+    def __init__(self) -> None:
+        configure_threads(inter_op=2)
+
     def run(self, jobs: Sequence[Job], thresholds: Thresholds) -> Iterator[Outcome]:
         for job in jobs:
             yield run_job(job, thresholds)
