@@ -98,12 +98,16 @@ def _once(fn: Any) -> float:
 
 
 def useful_flops(config: TrialConfig, steps: int, members: int) -> float:
-    """Multiply-adds of the LSTM and readout, forward and backward (3x forward), for every member and step."""
+    """Multiply-adds of the LSTM and readout, forward and backward (3x forward), for every member and step.
+
+    A window starts from the zero state, so its first step has no recurrent product: with seq_len 1 the
+    recurrent kernel does no useful work at all (lstm-sweep skips it, so counting it would flatter the rate).
+    """
     data = build_data(config)
-    n, f = config.state_size, data.num_features
+    n, f, t = config.state_size, data.num_features, config.seq_len
     outputs = 1 if config.output_framing == "regression" else data.num_classes
-    per_symbol = 2 * ((f + n) * 4 * n + n * outputs)
-    return 3.0 * per_symbol * config.batch_size * config.seq_len * steps * members
+    per_window = 2 * (f * 4 * n * t + n * 4 * n * (t - 1) + n * outputs * t)
+    return 3.0 * per_window * config.batch_size * steps * members
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:

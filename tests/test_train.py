@@ -11,7 +11,7 @@ from lstm_sweep.config import TrialConfig
 from lstm_sweep.errors import ConfigError
 from lstm_sweep.metrics import VERDICTS
 from lstm_sweep.tasks import build_data
-from lstm_sweep.train import Population, TrainerCallback, TrialResult, train, train_population
+from lstm_sweep.train import Population, TrainerCallback, TrialResult, _population_for, train, train_population
 
 SEED_VARIANCE = 143 / 12
 
@@ -347,6 +347,48 @@ def test_population_equals_lone_training_and_survives_a_diverging_member() -> No
     # the members really differ from each other
     assert not np.allclose(curve(pooled[0]), curve(pooled[1]))
     assert not np.allclose(curve(pooled[1]), curve(pooled[2]))
+
+
+def test_seq_len_one_leaves_the_recurrent_kernel_idle() -> None:
+    """One step from a zero state: the recurrent kernel cannot reach the output, so it is not trained (no update,
+    no noise) and no value of it changes the outputs. With a carried state it is trained."""
+    cfg = TINY.replace(grad_noise=0.5)
+    pop = Population(build_data(cfg), cfg, 1, cfg.state_size)
+    pop.load([cfg])
+    assert pop.idle_names == ["l0_recurrent_kernel"]
+    before = snapshot(pop)
+    pop.train_epoch()
+    after = snapshot(pop)
+    np.testing.assert_array_equal(after["l0_recurrent_kernel"], before["l0_recurrent_kernel"])
+    assert not np.array_equal(after["l0_input_kernel"], before["l0_input_kernel"])
+    outputs = pop.evaluate()["outputs"].numpy()
+    pop.idle.assign(np.random.default_rng(0).normal(size=pop.idle.shape).astype(np.float32))
+    np.testing.assert_array_equal(pop.evaluate()["outputs"].numpy(), outputs)
+    stateful = cfg.replace(stateful=True)
+    assert Population(build_data(stateful), stateful, 1, cfg.state_size).idle_names == []
+
+
+def test_equal_shapes_share_one_graph_without_mixing_data() -> None:
+    scaled = TINY.replace(input_encoding="scaled", grad_noise=0.0)
+    raw = scaled.replace(input_encoding="raw")
+    first = train(scaled)
+    other = train(raw)
+    assert _population_for([raw]) is _population_for([scaled])  # raw and scaled codes: one feature each
+    again = train(scaled)
+    assert same_history(first, again)  # the raw data trained in between did not stay behind
+    assert not same_history(first, other)
+
+
+@pytest.mark.parametrize("xla", ["0", "1"])
+def test_population_matches_lone_training_with_and_without_xla(monkeypatch: pytest.MonkeyPatch, xla: str) -> None:
+    monkeypatch.setenv("LSTM_SWEEP_XLA", xla)
+    members = [TINY4.replace(state_size=4, learning_rate=3e-2, seed=0), TINY4.replace(state_size=16, seed=2)]
+    together = train_population(members)
+    assert _population_for(members).xla == (xla == "1")
+    for cfg, mate in zip(members, together, strict=True):
+        alone = train(cfg)
+        for key in alone.history[0]:
+            np.testing.assert_allclose(curve(mate, key), curve(alone, key), rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_population_rejects_mixed_layouts() -> None:
