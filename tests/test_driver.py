@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import tiny_sweep
+from conftest import tiny_sweep, wait_for_completed
 from lstm_sweep.cli import main
 
 
@@ -113,18 +112,8 @@ def test_killed_sweep_resumes_with_every_cell_done_once(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     cmd = [sys.executable, "-m", "lstm_sweep.cli", *run_args(sweep, tmp_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    completed = 0
     try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            try:
-                study = optuna.load_study(study_name="killed", storage=storage)
-                completed = len(study.get_trials(states=(TrialState.COMPLETE,)))
-            except Exception:  # the database may not exist yet
-                continue
-            if completed >= 2:
-                break
+        completed = wait_for_completed(proc, "killed", storage, 2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import wait_for_completed
 from lstm_sweep.cli import main
 from lstm_sweep.config import FACTORS
 from lstm_sweep.spec import DEFINITION_KEYS, FIXED_KEYS, THRESHOLD_KEYS, TOP_KEYS, mask_url
@@ -459,18 +460,8 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tmp_path, capsys):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 240
-    completed = 0
     try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.3)
-            try:
-                study = optuna.load_study(study_name="ctrlc", storage=storage)
-                completed = len(study.get_trials(states=(TrialState.COMPLETE,)))
-            except Exception:  # the database may not exist yet
-                continue
-            if completed >= 2:
-                break
+        completed = wait_for_completed(proc, "ctrlc", storage, 2)
         assert proc.poll() is None, "the sweep finished before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         sent = time.time()

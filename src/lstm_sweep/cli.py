@@ -159,18 +159,9 @@ def sweep_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--storage", default=None, help="Optuna storage URL [default: the sweep file's, or SQLite in results/]")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
 @sweep_run_options
-def run(
-    sweep_file: str,
-    trials: int | None,
-    storage: str | None,
-    tracking_uri: str | None,
-    no_tracking: bool,
-    quiet: bool,
-    workers: int,
-    population: bool,
-) -> None:
+def run(sweep_file: str, **options: Any) -> None:
     """Run (or continue) a sweep: one Optuna trial per configuration, one MLflow run per replicate."""
-    _run_sweep_command(sweep_file, trials, storage, tracking_uri, no_tracking, quiet, workers, population)
+    _run_sweep_command(sweep_file, **options)
 
 
 def _run_sweep_command(
@@ -294,25 +285,13 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     show_default=True,
     help="trials taken at a time (smaller shares the queue more evenly between workers)",
 )
-def worker(
-    sweep_file: str,
-    storage: str,
-    tracking_uri: str,
-    trials: int | None,
-    workers: int,
-    batch_trials: int,
-    population: bool,
-    no_tracking: bool,
-    quiet: bool,
-) -> None:
+def worker(sweep_file: str, **options: Any) -> None:
     """Join a sweep from any host: like `run`, for many concurrent processes on one shared study.
 
     Every grid cell still trains exactly once; a worker that dies is noticed by the others after the grace
     period (its trials are retried and its MLflow runs marked KILLED).
     """
-    _run_sweep_command(
-        sweep_file, trials, storage, tracking_uri, no_tracking, quiet, workers, population, batch_trials=batch_trials
-    )
+    _run_sweep_command(sweep_file, **options)
 
 
 @cli.command()
