@@ -18,10 +18,7 @@ sweep: $(STAMP)
 	$(BIN)/lstm-sweep run $(SWEEP) --workers $(WORKERS)
 	$(BIN)/lstm-sweep report $(SWEEP)
 
-test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/mypy
+test: lint
 	$(BIN)/pytest -q -m "not slow"
 
 test-slow: $(STAMP)
@@ -31,6 +28,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+report: $(STAMP)
+	$(BIN)/lstm-sweep report $(SWEEP)
 
 ui: $(STAMP)
 	$(BIN)/lstm-sweep ui

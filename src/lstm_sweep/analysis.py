@@ -28,10 +28,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from lstm_sweep.config import FACTORS, SEED_CONFIG
+from lstm_sweep.metrics import SKILL_FLOOR
 
 VARIED_ROLES = ("scientific", "nuisance")
 NA_LEVEL = "n/a"  # the level of a factor that does not apply (momentum under adam)
-SKILL_FLOOR = -1.0  # as in the driver's objective: a diverged replicate counts as skill -1, not -inf
 MAX_LEVELS = 8  # a numeric factor with more distinct values than this is binned into quantiles
 N_BINS = 4
 FANOVA_SEED = 0
@@ -282,9 +282,9 @@ def factor_levels(values: pd.Series, max_levels: int = MAX_LEVELS) -> pd.Series:
     when it spans two decades or more): one row per sampled value would make every 'level' a single run."""
     present = values.dropna()
     if _is_numeric(present) and present.nunique() > max_levels:
-        x = np.log10(present.astype(float)) if _log_scale(present) else present.astype(float)
-        bins = pd.qcut(x, q=N_BINS, duplicates="drop")
         log = _log_scale(present)
+        x = np.log10(present.astype(float)) if log else present.astype(float)
+        bins = pd.qcut(x, q=N_BINS, duplicates="drop")
 
         def edge(v: float) -> str:
             return f"{10**v if log else v:.3g}"
@@ -684,11 +684,10 @@ def _domain(name: str, spec: Mapping[str, Any] | None, observed: pd.Series) -> t
     return float(present.min()), float(present.max()), _log_scale(present), "observed range"
 
 
-def _best_configs(runs: pd.DataFrame) -> list[tuple[str, str, str | None]]:
+def _best_configs(runs: pd.DataFrame, table: pd.DataFrame) -> list[tuple[str, str, str | None]]:
     """(config_id, why, factor held by construction) of the configurations the playbook checks: the best
     overall, and the best per scientific factor value (whose own factor sits where it was put, so it is not
-    checked)."""
-    table = configs(runs)
+    checked). `table` is configs(runs)."""
     if table.empty:
         return []
     best: list[tuple[str, str, str | None]] = [
@@ -712,9 +711,10 @@ def boundary_flags(
         spec_factors = (runs.attrs.get("sweep") or {}).get("factors") or {}
     columns = ["config_id", "why", "factor", "value", "low", "high", "edge", "domain"]
     numeric = [f for f in varied_factors(runs) if _is_numeric(runs[f].dropna()) and runs[f].notna().any()]
-    table = configs(runs).set_index("config_id") if not runs.empty else pd.DataFrame()
+    per_config = configs(runs) if not runs.empty else pd.DataFrame()
+    table = per_config.set_index("config_id") if not runs.empty else pd.DataFrame()
     flags: dict[tuple[str, str], dict[str, Any]] = {}
-    for cid, why, held in _best_configs(runs):
+    for cid, why, held in _best_configs(runs, per_config):
         for f in numeric:
             if f == held:
                 continue
@@ -775,7 +775,7 @@ def skill_target(trial: FrozenTrial) -> float:
     dominate."""
     reps = _replicates(trial)
     skills = [_num(r.get("skill")) for r in reps] if reps else [_num(trial.value)]
-    return float(np.mean([max(SKILL_FLOOR, s) if math.isfinite(s) else SKILL_FLOOR for s in skills]))
+    return float(floored_skill(pd.Series(skills, dtype=float)).mean())
 
 
 def escape_target(trial: FrozenTrial) -> float:
@@ -1203,7 +1203,7 @@ def summarize(
         "divergence_rate": divergence_rate(runs),
         "median_escape_epoch": float(runs["escape_epoch"].astype(float).median()) if n else math.nan,
         "varied_factors": varied_factors(runs),
-        "disagreeing_configs": len(replicate_disagreement(runs)) if n else 0,
+        "disagreeing_configs": int(((conf["escaped"] > 0) & (conf["plateau"] > 0)).sum()) if n else 0,
         "best_config_id": None,
         "best_mean_skill": math.nan,
         "top_factor": None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -75,7 +74,6 @@ def seed(as_json: bool, **options: Any) -> None:
     from lstm_sweep.config import SEED_CONFIG
 
     config = SEED_CONFIG.replace(**_overrides(options))
-    _quiet_tensorflow()
     from lstm_sweep.executor import configure_threads
     from lstm_sweep.train import train
 
@@ -83,7 +81,9 @@ def seed(as_json: bool, **options: Any) -> None:
     result = train(config)
     summary = result.summary()
     if as_json:
-        click.echo(json.dumps(_json_safe(summary), sort_keys=True))
+        from lstm_sweep.diagnose import json_safe
+
+        click.echo(json.dumps(json_safe(summary), sort_keys=True))
         return
     click.echo(f"Loss: {summary['loss']:.4f}")
     click.echo(f"Actual: {summary['actual']}")
@@ -156,8 +156,16 @@ def sweep_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option("--storage", default=None, help="Optuna storage URL [default: the sweep file's, or SQLite in results/]")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL [default: the sweep file's, or SQLite in results/]",
+)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI [default: sqlite:///results/mlflow.db]",
+)
 @sweep_run_options
 def run(sweep_file: str, **options: Any) -> None:
     """Run (or continue) a sweep: one Optuna trial per configuration, one MLflow run per replicate."""
@@ -181,7 +189,6 @@ def _run_sweep_command(
     from lstm_sweep.spec import load_sweep, mask_url
 
     spec = load_sweep(sweep_file)
-    _quiet_tensorflow()
     from lstm_sweep.driver import planned_trials, run_sweep
     from lstm_sweep.progress import SweepProgress
     from lstm_sweep.tracking import SweepTracker
@@ -259,7 +266,8 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     """Serve the MLflow UI for the sweep store (127.0.0.1 only by default)."""
     import subprocess
 
-    from lstm_sweep.tracking import DEFAULT_TRACKING_URI, artifact_root_for, ensure_local_store
+    from lstm_sweep.spec import DEFAULT_TRACKING_URI
+    from lstm_sweep.tracking import artifact_root_for, ensure_local_store
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     ensure_local_store(uri)
@@ -274,7 +282,11 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
 
 @cli.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option("--storage", required=True, help="the team's Optuna storage, e.g. postgresql://user:password@host/db")
+@click.option(
+    "--storage",
+    required=True,
+    help="the team's Optuna storage, e.g. postgresql://user:password@host/db",
+)
 @click.option("--tracking-uri", required=True, help="the team's MLflow, e.g. http://host:5000 (see `server`)")
 @sweep_run_options
 @click.option(
@@ -356,8 +368,16 @@ def server(backend_store_uri: str, host: str, port: int, artifacts_destination: 
 @click.option("--name", default=None, help="Optuna study and MLflow experiment name [default: diagnose-<hash>]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary")
 @click.option("--no-neighbourhood", is_flag=True, help="only diagnose the configuration, try no changes")
-@click.option("--storage", default=None, help="Optuna storage URL [default: sqlite:///results/<name>/optuna.db]")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL [default: sqlite:///results/<name>/optuna.db]",
+)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI [default: sqlite:///results/mlflow.db]",
+)
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def diagnose(
     sweep_file: str | None,
@@ -375,7 +395,6 @@ def diagnose(
 
     Writes results/<name>/diagnosis.md and curves.png, also attached to the sweep's MLflow parent run.
     """
-    _quiet_tensorflow()
     from lstm_sweep import diagnose as diagnosis
 
     plan = diagnosis.plan_diagnosis(
@@ -404,20 +423,8 @@ def diagnose(
         raise click.exceptions.Exit(130)
 
 
-def _json_safe(value: Any) -> Any:
-    """JSON has no inf/nan: those become strings so the output stays parseable."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the group, turning our errors and click usage errors into one line and exit 2."""
-    _quiet_tensorflow()
     try:
         result = cli.main(args=argv, prog_name="lstm-sweep", standalone_mode=False)
         if isinstance(result, int):  # click returns a command's Exit code instead of raising it
@@ -437,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except LstmSweepError as err:
         for line in str(err).splitlines() or [err.__class__.__name__]:
             click.echo(f"lstm-sweep: {line}", err=True)
-        return USAGE_ERROR if isinstance(err, ConfigError) or getattr(err, "usage", False) else 1
+        return USAGE_ERROR if isinstance(err, ConfigError) else 1
     return 0
 
 

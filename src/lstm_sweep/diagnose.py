@@ -114,7 +114,7 @@ class Finding:
         return f"- {self.title}: {self.shown} (in {self.runs}/{self.of} runs) — {self.detail}"
 
     def to_json(self) -> dict[str, Any]:
-        return _json_safe(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -542,7 +542,7 @@ def single_changes(
                 continue
             if key not in checked:
                 checked[key] = _check_change(base, {name: value}, seeds)
-            problem = checked[key] or _check_change(base, {name: value}, seeds[-1:])
+            problem = checked[key]  # data depend on the layout alone; the value itself was checked above
             if problem:
                 skipped.append(f"{change.label}: {problem}")
             else:
@@ -702,7 +702,7 @@ class NeighbourRow:
         return (self.escape_rate, skill, -epoch)
 
     def to_json(self) -> dict[str, Any]:
-        return _json_safe(
+        return json_safe(
             {
                 "change": self.change,
                 "factors": self.factors,
@@ -880,7 +880,8 @@ class Diagnosis:
         from lstm_sweep.spec import mask_url
 
         lines = [f"# lstm-sweep diagnosis: {self.name}", ""]
-        lines += [self.header_lines()[0], "", self.header_lines()[1], "", "## Findings", ""]
+        header = self.header_lines()
+        lines += [header[0], "", header[1], "", "## Findings", ""]
         lines += [f.line() for f in self.findings] or ["No finding crossed its threshold."]
         lines += ["", "Thresholds: " + _threshold_text(), ""]
         if self.neighbourhood:
@@ -903,7 +904,7 @@ class Diagnosis:
         from lstm_sweep.spec import mask_url
 
         best = self.best
-        return _json_safe(
+        return json_safe(
             {
                 "name": self.name,
                 "config": self.config.as_dict(),
@@ -950,14 +951,14 @@ def _markdown_table(rows: Sequence[NeighbourRow], title: str) -> list[str]:
     return [*lines, ""]
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no inf/nan: those become strings (as the `seed --json` output does)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -32,12 +32,12 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.executor import Job, JobFailed, Outcome, make_executor
+from lstm_sweep.metrics import floor_skill
 from lstm_sweep.spec import SweepSpec, mask_url
 from lstm_sweep.train import TrialResult, layout_key
 
 HEARTBEAT_SECONDS = 30  # override with LSTM_SWEEP_HEARTBEAT_SECONDS
 GRACE_SECONDS = 120  # override with LSTM_SWEEP_GRACE_SECONDS
-SKILL_FLOOR = -1.0  # a diverged replicate counts as skill -1 in the objective, not -inf
 
 
 class TrialSink(Protocol):
@@ -50,8 +50,7 @@ class TrialSink(Protocol):
 
 def config_id(params: Mapping[str, Any]) -> str:
     """A short stable name for a configuration (its sampled factor values)."""
-    blob = json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return hashlib.sha1(_params_key(params).encode()).hexdigest()[:10]
 
 
 def _env_seconds(name: str, default: int) -> int:
@@ -296,7 +295,7 @@ def replicate_record(result: TrialResult, replicate: int, run_id: str | None) ->
 def objective_value(results: Sequence[TrialResult]) -> float:
     """Mean final validation skill over replicates, each floored at SKILL_FLOOR."""
     skills = [r.final["skill"] for r in results]
-    return sum(max(SKILL_FLOOR, s) if math.isfinite(s) else SKILL_FLOOR for s in skills) / len(skills)
+    return sum(floor_skill(s) for s in skills) / len(skills)
 
 
 # Trials asked per batch. Big batches leave the workers idle less often (each batch ends when its slowest
@@ -529,7 +528,7 @@ def run_sweep(
 
     # Progress counts what storage said at the last batch plus what this process finished since: reading every
     # trial after each one would make a sweep quadratic in its size.
-    progress = {"done_at_batch": 0, "finished_since": 0}
+    progress = {"done": 0}
     writing = {"trials": 0}  # trained, handed to the writer, not yet told: neither done nor to be proposed again
     heartbeat = _Heartbeat(study)
 
@@ -546,14 +545,15 @@ def run_sweep(
             elif state == TrialState.FAIL:
                 outcome.failed += 1
             if state in (TrialState.COMPLETE, TrialState.FAIL):  # what done_count counts
-                progress["finished_since"] += 1
+                progress["done"] += 1
             if on_trial:
-                on_trial(frozen, verdict_counts, progress["done_at_batch"] + progress["finished_since"], total)
+                on_trial(frozen, verdict_counts, progress["done"], total)
         heartbeat.release(proposal.trial)
 
     def remaining_trials() -> int:
         with counter_lock:
-            return total - _refresh(progress, done_count()) - writing["trials"]
+            progress["done"] = done_count()
+            return total - progress["done"] - writing["trials"]
 
     def record_job(group: list[Proposal], results: list[list[TrialResult]]) -> Callable[[], None]:
         def job() -> None:
@@ -616,8 +616,3 @@ def run_sweep(
         executor.close()
         study_lock.close()
     return outcome
-
-
-def _refresh(progress: dict[str, int], done: int) -> int:
-    progress["done_at_batch"], progress["finished_since"] = done, 0
-    return done

@@ -44,7 +44,6 @@ class StudyLock:
     """Serializes a critical section across every process working on one study (see the module docstring)."""
 
     def __init__(self, storage_url: str, study_name: str) -> None:
-        self.storage_url = storage_url
         self.key = advisory_key(study_name)
         self.path = sqlite_path(storage_url)
         self._engine: Any = None

@@ -14,6 +14,14 @@ import numpy as np
 
 from lstm_sweep.errors import ConfigError
 
+SKILL_FLOOR = -1.0  # a diverged replicate counts as skill -1 in objectives and summaries, not -inf
+
+
+def floor_skill(skill: float) -> float:
+    """Skill floored at SKILL_FLOOR, non-finite (diverged) counted as SKILL_FLOOR."""
+    return max(SKILL_FLOOR, skill) if math.isfinite(skill) else SKILL_FLOOR
+
+
 Verdict = Literal["escaped", "partial", "plateau", "diverged"]
 VERDICTS: tuple[Verdict, ...] = ("escaped", "partial", "plateau", "diverged")
 

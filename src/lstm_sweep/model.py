@@ -114,10 +114,7 @@ def param_coords(arch: Architecture) -> dict[str, np.ndarray]:
         if len(shape) == 3:
             r, g, u = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
             coords[name] = (r * GATES + g) * stride + u
-        elif name.endswith("_bias") and name != "readout_bias":
-            g, u = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
-            coords[name] = g * stride + u
-        elif len(shape) == 2:
+        elif len(shape) == 2:  # (rows, outputs) or a bias's (gates, units)
             r, o = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
             coords[name] = r * stride + o
         else:

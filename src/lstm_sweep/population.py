@@ -36,7 +36,7 @@ from lstm_sweep.tasks import SequenceData
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 ANNEAL_GAMMA = 0.55
 XLA_MIN_WORK = 256  # seq_len x state size from which XLA pays for its compile
-HYPER_KEYS = ("learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "frozen", "forget_bias")
+HYPER_KEYS = ("learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "forget_bias")
 
 
 def uses_xla(layout: TrialConfig, max_units: int) -> bool:
@@ -65,7 +65,6 @@ class Population:
 
     def __init__(self, data: SequenceData, layout: TrialConfig, members: int, max_units: int) -> None:
         self.data = data
-        self.layout = layout
         self.members = members
         self.regression = layout.output_framing == "regression"
         self.stateful = layout.stateful
@@ -204,7 +203,6 @@ class Population:
             "grad_noise": [c.grad_noise for c in configs],
             "annealed": [c.grad_noise_schedule == "annealed" for c in configs],
             "grad_clip": [c.grad_clip for c in configs],
-            "frozen": list(frozen),
             "forget_bias": [c.forget_bias for c in configs],
         }
         for key, vals in values.items():
@@ -272,18 +270,29 @@ class Population:
         self.adam_v.assign(v)
         return (m / (1 - ADAM_BETA1**t)) / (tf.sqrt(v / (1 - ADAM_BETA2**t)) + ADAM_EPSILON)
 
-    def _update(self, g: tf.Tensor) -> tf.Tensor:
+    def _in_use(self) -> dict[str, tf.Tensor]:
+        """Which optional parts some member uses (fixed while an epoch runs, so computed once per epoch)."""
+        h = self.hyper
+        adam = h["adam"] > 0.5
+        return {
+            "adam": adam,
+            "any_adam": tf.reduce_any(adam),
+            "all_adam": tf.reduce_all(adam),
+            "any_noise": tf.reduce_any(h["grad_noise"] > 0),
+            "any_clip": tf.reduce_any(h["grad_clip"] > 0),
+        }
+
+    def _update(self, g: tf.Tensor, uses: dict[str, tf.Tensor]) -> tf.Tensor:
         """Each optimizer's slot arithmetic is several passes over every weight: run only the ones in use."""
-        adam = self.hyper["adam"] > 0.5
-        any_adam, all_adam = tf.reduce_any(adam), tf.reduce_all(adam)
+        adam = uses["adam"]
 
         def mixed() -> tf.Tensor:
             return tf.where(adam[:, None], self._adam_update(g), self._momentum_update(g))
 
         return tf.cond(
-            all_adam,
+            uses["all_adam"],
             lambda: self._adam_update(g),
-            lambda: tf.cond(any_adam, mixed, lambda: self._momentum_update(g)),
+            lambda: tf.cond(uses["any_adam"], mixed, lambda: self._momentum_update(g)),
         )
 
     # --- compiled epochs -----------------------------------------------------------------------------------
@@ -302,6 +311,7 @@ class Population:
         steps, lanes = self.train_x.shape[0], self.train_x.shape[1]
         train_x, train_y, labels = (tf.convert_to_tensor(v) for v in (self.train_x, self.train_y, self.train_labels))
         h = self.hyper
+        uses = self._in_use()
         loss_sum = tf.zeros((p,))
         group_sums = tf.zeros((p, len(WEIGHT_GROUPS)))
         ratio_sum = tf.zeros((p,))
@@ -322,19 +332,19 @@ class Population:
                 total = tf.reduce_sum(tf.where(tf.math.is_finite(loss), loss, 0.0))
             if self.stateful:
                 state = [(tf.stop_gradient(a), tf.stop_gradient(b)) for a, b in carried]
-            finite, group_sq, grad_sq, noise_sq = self._apply(tape.gradient(total, theta), loss)
+            finite, group_sq, grad_sq, noise_sq = self._apply(tape.gradient(total, theta), loss, uses)
             loss_sum += tf.where(finite, loss, 0.0)
             group_sums += tf.where(finite[:, None], tf.sqrt(group_sq), 0.0)
             ratio_sum += tf.where(finite, tf.sqrt(noise_sq) / tf.maximum(tf.sqrt(grad_sq), 1e-12), 0.0)
         n = float(steps)
         return {"train_loss": loss_sum / n, "grad_norms": group_sums / n, "noise_to_grad": ratio_sum / n}
 
-    def _apply(self, grad: tf.Tensor, loss: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _apply(
+        self, grad: tf.Tensor, loss: tf.Tensor, uses: dict[str, tf.Tensor]
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """Everything after the gradient: divergence check, noise, clipping, the optimizer, the diagnostics."""
         p = self.members
         h = self.hyper
-        any_noise = tf.reduce_any(h["grad_noise"] > 0)
-        any_clip = tf.reduce_any(h["grad_clip"] > 0)
         g = grad * self.train_mask
         self.step.assign_add(1)
         group_sq = tf.matmul(tf.square(g), self.group_of)
@@ -344,9 +354,9 @@ class Population:
         self.alive.assign(self.alive & finite)
         live = tf.cast(self.alive, tf.float32)
         g = tf.where(self.alive[:, None], g, 0.0)
-        g, noise_sq = tf.cond(any_noise, lambda: self._with_noise(g, live), lambda: (g, tf.zeros((p,))))
-        g = tf.cond(any_clip, lambda: self._clip(g), lambda: g)
-        self.theta.assign_sub((h["learning_rate"] * live)[:, None] * self._update(g))
+        g, noise_sq = tf.cond(uses["any_noise"], lambda: self._with_noise(g, live), lambda: (g, tf.zeros((p,))))
+        g = tf.cond(uses["any_clip"], lambda: self._clip(g), lambda: g)
+        self.theta.assign_sub((h["learning_rate"] * live)[:, None] * self._update(g, uses))
         return finite, group_sq, grad_sq, noise_sq
 
     def _with_noise(self, g: tf.Tensor, live: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -21,7 +21,6 @@ class SweepProgress:
     """Rich progress on stderr; with `enabled=False` (or no terminal) it prints one line per trial instead."""
 
     def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total = total
         self.best: float | None = None
         self.console = Console(stderr=True)
         self.live = enabled and self.console.is_terminal

@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lstm_sweep import analysis
+from lstm_sweep.metrics import SKILL_FLOOR
 
 PLOTS = ("escape_rate.png", "skill_vs_lr.png", "interaction.png", "curves.png")
 MAX_INTERACTION_ROWS = 15
@@ -322,7 +323,7 @@ def plot_curves(runs: pd.DataFrame, seed_runs: pd.DataFrame) -> bytes:
     ax = fig.add_subplot()
     for row in chosen:
         skill = np.array([math.nan if v is None else float(v) for v in row["curve"]["skill"]], dtype=float)
-        skill = np.where(np.isfinite(skill), np.maximum(skill, analysis.SKILL_FLOOR), np.nan)
+        skill = np.where(np.isfinite(skill), np.maximum(skill, SKILL_FLOOR), np.nan)
         epochs = np.arange(1, len(skill) + 1)
         (line,) = ax.plot(epochs, skill, marker="o", markersize=3, label=_run_label(row, factors))
         if not pd.isna(row["escape_epoch"]):
@@ -756,7 +757,7 @@ def write_report(
         imp_error = f"{type(err).__name__}: {err}"
     failed = _failed_frame(runs, study)
     seed_runs = analysis.nearest_runs(runs, seed_config)[0] if len(runs) else runs
-    overall = analysis.summarize(runs, table, pairs)["escape_rate"]
+    overall = float(runs["escaped"].mean()) if len(runs) else math.nan  # summarize's escape_rate
     images = {
         "escape_rate.png": plot_escape_rates(table, overall),
         "skill_vs_lr.png": plot_skill_vs_lr(runs),

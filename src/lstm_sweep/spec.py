@@ -818,8 +818,8 @@ def _check_space(
     cells = math.prod(n for name, n in sizes.items() if name not in ("optimizer", "momentum"))
     n_momentum = sizes.get("momentum", 1)
     if "optimizer" in varied:
-        opt_values = varied["optimizer"].domain.values if varied["optimizer"].domain else ()
-        n_adam = sum(1 for v in opt_values or () if v == "adam")
+        domain = varied["optimizer"].domain
+        n_adam = sum(1 for v in (domain.values if domain else None) or () if v == "adam")
         cells *= (sizes["optimizer"] - n_adam) * n_momentum + n_adam
     else:
         cells *= n_momentum

@@ -110,8 +110,6 @@ def build_data(config: TrialConfig) -> SequenceData:
     """Generate, encode and window the task's data for one layout."""
     stream = make_stream(config)
     alphabet = stream.alphabet
-    if len(alphabet) < 2:
-        raise ConfigError("alphabet", alphabet, "at least 2 distinct symbols")
     codes = np.array([ord(ch) for ch in alphabet], dtype=np.float64)
     n_train = round(config.stream_length * (1.0 - config.val_fraction))
     train_in, train_out = stream.inputs[:n_train], stream.targets[:n_train]

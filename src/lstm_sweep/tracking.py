@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 from lstm_sweep.spec import mask_url
 from lstm_sweep.train import RECORD_KEYS, TrialResult
 
-DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
 ROLE_TAG = "lstm_sweep.role"
 SWEEP_TAG = "lstm_sweep.sweep"
 EPOCH_METRICS = tuple(k for k in RECORD_KEYS if k not in ("epoch", "baseline_loss", "majority_rate"))

@@ -6,6 +6,7 @@ one compiled TF function, and several configurations that share a data layout ca
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -204,15 +205,7 @@ def train_population(
         for i, c in enumerate(configs):
             m, predicted = measure(data, outputs[i], pop.regression)
             if not alive[i]:
-                m = Measures(
-                    math.inf,
-                    m.baseline_loss,
-                    -math.inf,
-                    m.symbol_accuracy,
-                    m.majority_rate,
-                    m.distinct_symbols,
-                    m.pred_std_ratio,
-                )
+                m = dataclasses.replace(m, loss=math.inf, skill=-math.inf)
             per_epoch[i].append(m)
             predicted_last[i] = predicted
             record: dict[str, float] = {"epoch": epoch, "train_loss": float(stats["train_loss"][i])}
