@@ -61,6 +61,9 @@ def test_every_factor_has_an_option(capsys):
         (["seed", "--no-such-option"], "No such option"),
         (["validate", "missing.yaml"], "missing.yaml"),
         (["report", "never-run-sweep"], "never-run-sweep"),
+        (["run", "any.yaml", "--storage", "notaurl"], "'--storage': got 'notaurl', expected a URL"),
+        (["report", "plateau", "--tracking-uri", "mlflow.db"], "'--tracking-uri': got 'mlflow.db', expected a URL"),
+        (["diagnose", "--storage", "optuna.db"], "'--storage': got 'optuna.db', expected a URL"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, args, fragment):

@@ -23,6 +23,17 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
+def _check_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A storage or tracking URL must be one: checked here, before a store library turns it into a traceback."""
+    if value is not None and "://" not in value:
+        from lstm_sweep.spec import mask_url
+
+        raise click.BadParameter(
+            f"got {mask_url(value)!r}, expected a URL such as sqlite:///path/to.db or postgresql://host/db"
+        )
+    return value
+
+
 def _click_type(factor: Factor) -> Any:
     if factor.kind == "choice":
         return click.Choice(factor.choices)
@@ -160,11 +171,13 @@ def sweep_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     "--storage",
     default=None,
     help="Optuna storage URL [default: the sweep file's, or SQLite in results/]",
+    callback=_check_url,
 )
 @click.option(
     "--tracking-uri",
     default=None,
     help="MLflow tracking URI [default: sqlite:///results/mlflow.db]",
+    callback=_check_url,
 )
 @sweep_run_options
 def run(sweep_file: str, **options: Any) -> None:
@@ -247,9 +260,9 @@ def _run_sweep_command(
 
 @cli.command()
 @click.argument("sweep", required=False, default=None)
-@click.option("--storage", default=None, help="Optuna storage URL (when SWEEP is a name)")
+@click.option("--storage", default=None, help="Optuna storage URL (when SWEEP is a name)", callback=_check_url)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[default: results/<sweep>/]")
-@click.option("--tracking-uri", default=None, help="MLflow store to attach the report to")
+@click.option("--tracking-uri", default=None, help="MLflow store to attach the report to", callback=_check_url)
 def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking_uri: str | None) -> None:
     """Write the analysis of a sweep (a sweep file or a study name) to results/<sweep>/."""
     from lstm_sweep.reporting import make_report
@@ -259,7 +272,7 @@ def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking
 
 
 @cli.command()
-@click.option("--tracking-uri", default=None, help="[default: sqlite:///results/mlflow.db]")
+@click.option("--tracking-uri", default=None, help="[default: sqlite:///results/mlflow.db]", callback=_check_url)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; loopback unless you mean it")
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
@@ -286,8 +299,11 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     "--storage",
     required=True,
     help="the team's Optuna storage, e.g. postgresql://user:password@host/db",
+    callback=_check_url,
 )
-@click.option("--tracking-uri", required=True, help="the team's MLflow, e.g. http://host:5000 (see `server`)")
+@click.option(
+    "--tracking-uri", required=True, help="the team's MLflow, e.g. http://host:5000 (see `server`)", callback=_check_url
+)
 @sweep_run_options
 @click.option(
     "--batch",
@@ -372,11 +388,13 @@ def server(backend_store_uri: str, host: str, port: int, artifacts_destination: 
     "--storage",
     default=None,
     help="Optuna storage URL [default: sqlite:///results/<name>/optuna.db]",
+    callback=_check_url,
 )
 @click.option(
     "--tracking-uri",
     default=None,
     help="MLflow tracking URI [default: sqlite:///results/mlflow.db]",
+    callback=_check_url,
 )
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def diagnose(
