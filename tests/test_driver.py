@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -175,3 +176,19 @@ def test_workers_and_single_runs_give_the_population_results(tmp_path):
     assert len(together) == len(apart) == 8
     for key, value in together.items():
         assert apart[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_held_trials_beat_so_another_worker_can_tell_a_dead_one(tmp_path, monkeypatch):
+    """A worker beats for the trials it holds; once it stops (dies), they are stale after the grace period."""
+    from lstm_sweep.driver import _Heartbeat, fail_stale, make_storage
+
+    monkeypatch.setenv("LSTM_SWEEP_HEARTBEAT_SECONDS", "1")
+    monkeypatch.setenv("LSTM_SWEEP_GRACE_SECONDS", "1")
+    study = optuna.create_study(study_name="beat", storage=make_storage(f"sqlite:///{tmp_path}/optuna.db"))
+    trial = study.ask()
+    assert fail_stale(study) == []  # never beaten: Optuna cannot tell it is dead
+    heartbeat = _Heartbeat(study)
+    assert heartbeat.enabled
+    heartbeat.hold([trial])  # one beat, then this worker "dies" (its beating thread was never started)
+    time.sleep(2.5)
+    assert fail_stale(study) == [trial.number]

@@ -396,7 +396,8 @@ class _Heartbeat:
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True, name="lstm-sweep-heartbeat")
-        self.enabled = isinstance(self.storage, optuna.storages.RDBStorage)
+        # Asked through the study's storage (Optuna wraps an RDBStorage in a cache, which is not one itself).
+        self.enabled = getattr(self.storage, "get_heartbeat_interval", lambda: None)() is not None
 
     def __enter__(self) -> _Heartbeat:
         if self.enabled:
