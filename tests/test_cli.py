@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,13 @@ def test_run_then_report_writes_the_files_and_attaches_them(capsys, tmp_path, mo
         "report/report.md",
         "report/report.html",
     }
+
+
+def test_the_command_line_prints_no_tensorflow_chatter():
+    """The seed's report lines and nothing else: TensorFlow's start-up log is silenced before it loads."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lstm_sweep.cli", "seed", "--epochs", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["Loss", "Actual", "Pred", "Verdict"]

@@ -443,6 +443,7 @@ def diagnose(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the group, turning our errors and click usage errors into one line and exit 2."""
+    _quiet_tensorflow()
     try:
         result = cli.main(args=argv, prog_name="lstm-sweep", standalone_mode=False)
         if isinstance(result, int):  # click returns a command's Exit code instead of raising it
