@@ -34,6 +34,11 @@ def _check_url(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
+def url_option(name: str, **kwargs: Any) -> Callable[..., Any]:
+    """A --storage or --tracking-uri option, checked to be a URL."""
+    return click.option(name, callback=_check_url, **kwargs)
+
+
 def _click_type(factor: Factor) -> Any:
     if factor.kind == "choice":
         return click.Choice(factor.choices)
@@ -167,18 +172,8 @@ def sweep_run_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option(
-    "--storage",
-    default=None,
-    help="Optuna storage URL [default: the sweep file's, or SQLite in results/]",
-    callback=_check_url,
-)
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow tracking URI [default: sqlite:///results/mlflow.db]",
-    callback=_check_url,
-)
+@url_option("--storage", default=None, help="Optuna storage URL [default: the sweep file's, or SQLite in results/]")
+@url_option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
 @sweep_run_options
 def run(sweep_file: str, **options: Any) -> None:
     """Run (or continue) a sweep: one Optuna trial per configuration, one MLflow run per replicate."""
@@ -260,9 +255,9 @@ def _run_sweep_command(
 
 @cli.command()
 @click.argument("sweep", required=False, default=None)
-@click.option("--storage", default=None, help="Optuna storage URL (when SWEEP is a name)", callback=_check_url)
+@url_option("--storage", default=None, help="Optuna storage URL (when SWEEP is a name)")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="[default: results/<sweep>/]")
-@click.option("--tracking-uri", default=None, help="MLflow store to attach the report to", callback=_check_url)
+@url_option("--tracking-uri", default=None, help="MLflow store to attach the report to")
 def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking_uri: str | None) -> None:
     """Write the analysis of a sweep (a sweep file or a study name) to results/<sweep>/."""
     from lstm_sweep.reporting import make_report
@@ -272,7 +267,7 @@ def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking
 
 
 @cli.command()
-@click.option("--tracking-uri", default=None, help="[default: sqlite:///results/mlflow.db]", callback=_check_url)
+@url_option("--tracking-uri", default=None, help="[default: sqlite:///results/mlflow.db]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; loopback unless you mean it")
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
@@ -295,15 +290,8 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
 
 @cli.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option(
-    "--storage",
-    required=True,
-    help="the team's Optuna storage, e.g. postgresql://user:password@host/db",
-    callback=_check_url,
-)
-@click.option(
-    "--tracking-uri", required=True, help="the team's MLflow, e.g. http://host:5000 (see `server`)", callback=_check_url
-)
+@url_option("--storage", required=True, help="the team's Optuna storage, e.g. postgresql://user:password@host/db")
+@url_option("--tracking-uri", required=True, help="the team's MLflow, e.g. http://host:5000 (see `server`)")
 @sweep_run_options
 @click.option(
     "--batch",
@@ -384,18 +372,8 @@ def server(backend_store_uri: str, host: str, port: int, artifacts_destination: 
 @click.option("--name", default=None, help="Optuna study and MLflow experiment name [default: diagnose-<hash>]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary")
 @click.option("--no-neighbourhood", is_flag=True, help="only diagnose the configuration, try no changes")
-@click.option(
-    "--storage",
-    default=None,
-    help="Optuna storage URL [default: sqlite:///results/<name>/optuna.db]",
-    callback=_check_url,
-)
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow tracking URI [default: sqlite:///results/mlflow.db]",
-    callback=_check_url,
-)
+@url_option("--storage", default=None, help="Optuna storage URL [default: sqlite:///results/<name>/optuna.db]")
+@url_option("--tracking-uri", default=None, help="MLflow tracking URI [default: sqlite:///results/mlflow.db]")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def diagnose(
     sweep_file: str | None,
