@@ -108,7 +108,8 @@ def test_changed_sweep_definition_is_refused(tmp_path, capsys):
 
 def test_killed_sweep_resumes_with_every_cell_done_once(tmp_path):
     """SIGKILL the sweep after its first trial; the next run completes every grid cell exactly once."""
-    sweep = write_sweep(tmp_path, "killed", epochs=6, momenta="[0.0, 0.5, 0.9]")  # 12 cells
+    # 12 cells in two populations; 40 epochs keep the second one training when the signal comes
+    sweep = write_sweep(tmp_path, "killed", epochs=40, momenta="[0.0, 0.5, 0.9]")
     storage, tracking = stores(tmp_path)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     cmd = [sys.executable, "-m", "lstm_sweep.cli", *run_args(sweep, tmp_path)]
