@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +255,34 @@ def test_rows_from_replicate_records_and_curves_png():
     assert png.startswith(b"\x89PNG")
 
 
+def test_diagnosis_files_are_written_like_the_report(tmp_path, monkeypatch):
+    """diagnosis.md and curves.png go through the report's atomic writer: fsynced before the rename, and an
+    existing file keeps its mode (a private diagnosis stays private)."""
+    md = tmp_path / "diagnosis.md"
+    md.write_text("old")
+    md.chmod(0o600)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    found = dg.Diagnosis(
+        name="d",
+        config=SEED_CONFIG,
+        replicates=1,
+        verdicts={"plateau": 1},
+        findings=[],
+        original_curves=dg.curves_of([result()]),
+    )
+    assert dg.write_files(found, tmp_path) == [md, tmp_path / "curves.png"]
+    assert md.read_text() != "old" and md.stat().st_mode & 0o777 == 0o600
+    assert len(synced) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 # --- the command end to end (one MLflow store for the module: creating one takes seconds). Its URI is absolute:
 # MLflow caches a store per URI string, so a relative one would follow this module's cwd into other tests.
 
@@ -359,4 +390,38 @@ def test_bad_options_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, args
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, lines
     assert fragment in lines[0] and captured.out == ""
+    assert not (tmp_path / "results").exists()
+
+
+NO_TENSORFLOW = """
+import sys
+import lstm_sweep.cli, lstm_sweep.diagnose
+assert "tensorflow" not in sys.modules, "importing the command line loaded TensorFlow"
+code = lstm_sweep.cli.main(sys.argv[1:])
+assert "tensorflow" not in sys.modules, "checking the options loaded TensorFlow"
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--learning-rate", "-1"], "learning_rate: got -1.0"),
+        (["--name", "no spaces"], "name: got 'no spaces'"),
+        (["--batch-size", "4096"], "batch_size"),
+    ],
+)
+def test_bad_options_are_rejected_before_tensorflow_loads(tmp_path, args, fragment):
+    """A usage error is answered at once: nothing on the way to checking the options imports TensorFlow
+    (a fresh interpreter, since this one has long loaded it)."""
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TENSORFLOW, "diagnose", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert fragment in lines[0] and done.stdout == ""
     assert not (tmp_path / "results").exists()

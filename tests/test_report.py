@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def test_failed_write_leaves_no_partial_files(tmp_path: Path, monkeypatch: pytes
     runs = analysis.load_runs(make_study(MAIN_FACTORS, a_decides, replicates=1))
     files = report.write_report(runs, tmp_path)
     calls = {"n": 0}
-    real_replace = report.os.replace
+    real_replace = os.replace
 
     def flaky_replace(src: str, dst: Path) -> None:
         calls["n"] += 1
@@ -149,7 +150,7 @@ def test_failed_write_leaves_no_partial_files(tmp_path: Path, monkeypatch: pytes
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(report.os, "replace", flaky_replace)
+    monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="disk full"):
         report.write_report(runs, tmp_path, seed_config={"learning_rate": 0.01})
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -10,8 +10,9 @@ import pytest
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.errors import ConfigError
 from lstm_sweep.metrics import VERDICTS
+from lstm_sweep.population import Population
 from lstm_sweep.tasks import build_data
-from lstm_sweep.train import Population, TrainerCallback, TrialResult, _population_for, train, train_population
+from lstm_sweep.train import TrainerCallback, TrialResult, _population_for, train, train_population
 
 SEED_VARIANCE = 143 / 12
 

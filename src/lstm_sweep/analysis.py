@@ -28,6 +28,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from lstm_sweep.config import FACTORS, SEED_CONFIG
+from lstm_sweep.locks import engine_url, sqlite_path
 from lstm_sweep.metrics import SKILL_FLOOR
 
 VARIED_ROLES = ("scientific", "nuisance")
@@ -56,8 +57,10 @@ _INT_COLUMNS = ("replicate", "seed", "distinct_symbols", "escape_epoch", "diverg
 
 
 def open_study(study_or_name: optuna.Study | str, storage: str | None = None) -> optuna.Study:
-    """The study itself, or load it by name. Without a storage URL the DESIGN default path is used, and a
-    missing file is an error rather than a silently created empty database."""
+    """The study itself, or load it by name: the one way every reader (notebooks, `lstm-sweep report`) opens a
+    stored study. Without a storage URL the DESIGN default path is used; a missing SQLite file is an error
+    rather than a silently created empty database; the URL goes through `locks.engine_url`, so a plain
+    `postgresql://` works with the installed driver. A study that is not there raises Optuna's KeyError."""
     if isinstance(study_or_name, optuna.Study):
         return study_or_name
     if storage is None:
@@ -65,9 +68,11 @@ def open_study(study_or_name: optuna.Study | str, storage: str | None = None) ->
         if not path.exists():
             raise FileNotFoundError(f"no Optuna storage for sweep {study_or_name!r} at {path}; pass storage=URL")
         storage = f"sqlite:///{path}"
-    elif storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
-        raise FileNotFoundError(f"no Optuna storage at {storage.removeprefix('sqlite:///')}")
-    return optuna.load_study(study_name=study_or_name, storage=storage)
+    else:
+        db = sqlite_path(storage)
+        if db is not None and not db.exists():
+            raise FileNotFoundError(f"no Optuna storage at {db}")
+    return optuna.load_study(study_name=study_or_name, storage=engine_url(storage))
 
 
 def _factor_names(sweep: Mapping[str, Any]) -> list[str]:

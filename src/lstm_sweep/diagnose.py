@@ -23,10 +23,8 @@ import io
 import itertools
 import json
 import math
-import os
 import re
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,14 +35,15 @@ import numpy as np
 
 from lstm_sweep.config import FACTORS, SEED_CONFIG, TrialConfig
 from lstm_sweep.errors import ConfigError
+from lstm_sweep.files import write_atomic
 from lstm_sweep.metrics import VERDICTS, Thresholds
 from lstm_sweep.tasks import SequenceData, build_data
-from lstm_sweep.train import TrialResult, layout_key
 
 if TYPE_CHECKING:
     import optuna
 
     from lstm_sweep.spec import SweepSpec
+    from lstm_sweep.train import TrialResult  # the training stack (TensorFlow) loads only when something trains
 
 # --- thresholds of the findings (each finding names the measurement it compares with one of these)
 
@@ -375,7 +374,7 @@ def _hit_unstable(result: TrialResult, facts: DataFacts) -> _Hit | None:
     )
 
 
-Detector = Callable[[TrialResult, DataFacts], "_Hit | None"]
+Detector = Callable[["TrialResult", DataFacts], "_Hit | None"]
 # key, title, detector, applies to diverged runs (their records stop meaning anything after the blow-up)
 DETECTORS: tuple[tuple[str, str, Detector, bool], ...] = (
     ("diverged", "diverged", _hit_diverged, True),
@@ -529,6 +528,8 @@ def single_changes(
     base: TrialConfig, alternatives: Mapping[str, Sequence[Any]], seeds: Sequence[int]
 ) -> tuple[list[Change], list[str]]:
     """One Change per factor value, in factor-table order; also the ones that cannot run, with the reason."""
+    from lstm_sweep.train import layout_key
+
     changes: list[Change] = []
     skipped: list[str] = []
     checked: dict[Any, str | None] = {}
@@ -1016,20 +1017,6 @@ def curves_png(left: Sequence[Mapping[str, Any]], right: Sequence[Mapping[str, A
     return buffer.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target, then rename over it: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --- planning and running
 
 
@@ -1062,6 +1049,8 @@ def plan_diagnosis(
     """
     from lstm_sweep.spec import DEFAULT_TRACKING_URI, default_storage, load_sweep
 
+    if name is not None and (not _NAME_RE.fullmatch(name) or set(name) == {"."}):
+        raise ConfigError("name", name, "a name of letters, digits, '_', '.', '-' (at most 120 characters)")
     thresholds = Thresholds()
     text = None
     if sweep_file is not None:
@@ -1095,8 +1084,6 @@ def plan_diagnosis(
         tracking_uri="",
         source=sweep_file or "diagnose",
     )
-    if name is not None and (not _NAME_RE.fullmatch(name) or set(name) == {"."}):
-        raise ConfigError("name", name, "a name of letters, digits, '_', '.', '-' (at most 120 characters)")
     name = name or default_name(spec.identity())
     spec = dataclasses.replace(
         spec,

@@ -13,9 +13,7 @@ import base64
 import html
 import io
 import math
-import os
 import re
-import tempfile
 import textwrap
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lstm_sweep import analysis
+from lstm_sweep.files import write_atomic
 from lstm_sweep.metrics import SKILL_FLOOR
 
 PLOTS = ("escape_rate.png", "skill_vs_lr.png", "interaction.png", "curves.png")
@@ -699,36 +698,6 @@ def build_sections(
 # Writing
 
 
-def _file_mode(path: Path) -> int:
-    """Keep an existing file's mode; a new file gets what open() would give it (0666 minus the umask), not
-    mkstemp's private 0600."""
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o644
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename over the target (atomic on POSIX)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _failed_frame(runs: pd.DataFrame, study: optuna.Study | None) -> pd.DataFrame:
     failed = analysis.load_failed(study) if study is not None else pd.DataFrame(runs.attrs.get("failed") or [])
     return pd.DataFrame(columns=FAILED_COLUMNS) if failed.empty else failed
@@ -779,7 +748,7 @@ def write_report(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in contents.items():
-        _write_atomic(out_dir / name, data)
+        write_atomic(out_dir / name, data)
     return ReportFiles(
         out_dir=out_dir,
         markdown=out_dir / "report.md",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lstm_sweep.config import SEED_CONFIG
 from lstm_sweep.errors import ConfigError
+from lstm_sweep.locks import sqlite_path
 from lstm_sweep.spec import DEFAULT_TRACKING_URI, default_storage, load_sweep, mask_url
 
 
@@ -21,15 +22,15 @@ def make_report(
     sweep: str, *, storage: str | None = None, out_dir: str | None = None, tracking_uri: str | None = None
 ) -> list[Path]:
     """Write the report files to results/<name>/ (or out_dir) and log them on the sweep's MLflow parent run."""
-    import optuna
-
     from lstm_sweep import analysis, report
 
     name, storage_url, default_uri = resolve(sweep, storage)
-    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).exists():
-        raise ConfigError("sweep", sweep, f"a sweep that has been run (no store at {storage_url}; run it first)")
     try:
-        study = optuna.load_study(study_name=name, storage=storage_url)
+        study = analysis.open_study(name, storage_url)
+    except FileNotFoundError:
+        raise ConfigError(
+            "sweep", sweep, f"a sweep that has been run (no store at {storage_url}; run it first)"
+        ) from None
     except KeyError:
         raise ConfigError("sweep", name, f"a study in {mask_url(storage_url)} (run the sweep first)") from None
     runs = analysis.load_runs(study)
@@ -43,7 +44,8 @@ def make_report(
 
 def _attach(tracking_uri: str, name: str, files: list[Path]) -> None:
     """Log the report as artifacts of the sweep's parent run, if the sweep was tracked."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
         return
     from mlflow.tracking import MlflowClient
 

@@ -20,6 +20,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from lstm_sweep.locks import sqlite_path
 from lstm_sweep.spec import mask_url
 from lstm_sweep.train import RECORD_KEYS, TrialResult
 
@@ -30,15 +31,14 @@ EPOCH_METRICS = tuple(k for k in RECORD_KEYS if k not in ("epoch", "baseline_los
 
 def artifact_root_for(tracking_uri: str) -> str | None:
     """Keep artifacts beside a local SQLite store (under results/), not in ./mlruns of whatever cwd."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        return (db.parent / "mlartifacts").resolve().as_uri()
-    return None
+    db = sqlite_path(tracking_uri)
+    return None if db is None else (db.parent / "mlartifacts").resolve().as_uri()
 
 
 def ensure_local_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _finite(value: Any) -> float | None:

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,8 +20,10 @@ from lstm_sweep.config import TrialConfig
 from lstm_sweep.errors import ConfigError
 from lstm_sweep.metrics import Measures, Thresholds
 from lstm_sweep.model import WEIGHT_GROUPS
-from lstm_sweep.population import Population
 from lstm_sweep.tasks import SequenceData, build_data
+
+if TYPE_CHECKING:
+    from lstm_sweep.population import Population  # builds TF graphs: imported when something trains
 
 LAYOUT_FIELDS = (
     "task",
@@ -161,6 +163,8 @@ _POPULATIONS: dict[tuple[Any, ...], Population] = {}
 
 
 def _population_for(configs: Sequence[TrialConfig]) -> Population:
+    from lstm_sweep.population import Population
+
     layout = configs[0]
     max_units = max(c.state_size for c in configs)
     data = build_data(layout)
