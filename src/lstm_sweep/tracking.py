@@ -181,51 +181,75 @@ def sample_text(result: TrialResult) -> str:
     )
 
 
-class _CurveFigure:
-    """One reusable single-panel figure: building axes, legend and layout costs more than drawing new data into
-    them, and one of these is drawn per run (about 25 ms reused, 100 ms for a two-panel figure built anew)."""
+RELATIVE_LOSS_RANGE = (1e-4, 10.0)  # loss / mean-prediction loss: 1 is the plateau, 1e-4 a near-perfect fit
 
-    def __init__(self) -> None:
+
+class _CurveFigure:
+    """One figure per epoch count whose axes never change, so everything but the two lines and the title is drawn
+    once and restored from a pixel copy for each run (about 7 ms a run instead of 33 ms for a full draw: with
+    hundreds of runs per sweep, on the workers' cores).
+
+    The y axis is loss relative to the mean-prediction (baseline) loss, which puts every run on one fixed scale:
+    1 is the plateau, below it the run does better than predicting the mean."""
+
+    def __init__(self, epochs: int) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
         self.fig = Figure(figsize=(4.8, 2.8), dpi=80)  # no pyplot: safe outside the main thread
-        FigureCanvasAgg(self.fig)
+        self.canvas = FigureCanvasAgg(self.fig)
         self.ax = self.fig.subplots()
-        (self.train,) = self.ax.plot([], [], label="train")
-        (self.val,) = self.ax.plot([], [], label="validation")
-        self.baseline = self.ax.axhline(1.0, color="grey", ls="--", lw=1, label="mean baseline")
+        (self.train,) = self.ax.plot([], [], label="train", animated=True)
+        (self.val,) = self.ax.plot([], [], label="validation", animated=True)
+        self.ax.axhline(1.0, color="grey", ls="--", lw=1, label="mean prediction (plateau)")
         self.ax.set_yscale("log")
+        self.ax.set_ylim(*RELATIVE_LOSS_RANGE)
+        self.ax.set_xlim(0.5, max(epochs, 1) + 0.5)
         self.ax.set_xlabel("epoch")
         self.ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        self.ax.set_ylabel("loss")
-        self.ax.legend(fontsize=7)
+        self.ax.set_ylabel("loss / mean-prediction loss", fontsize=8)
+        self.ax.legend(fontsize=7, loc="lower left")
+        self.title = self.ax.set_title(" ", animated=True)
         self.fig.subplots_adjust(left=0.15, right=0.97, bottom=0.16, top=0.89)
+        self.canvas.draw()
+        self.background = self.canvas.copy_from_bbox(self.fig.bbox)
 
     def png(self, result: TrialResult) -> bytes:
+        from PIL import Image
+
         history = result.history
         epochs = [r["epoch"] for r in history]
         baseline = result.final["baseline_loss"]
-        finite = [v for r in history for v in (r["train_loss"], r["val_loss"]) if 0 < v < math.inf]
-        self.train.set_data(epochs, [r["train_loss"] for r in history])
-        self.val.set_data(epochs, [r["val_loss"] for r in history])
-        self.baseline.set_ydata([baseline, baseline])
-        self.ax.set_ylim(min([*finite, baseline]) / 1.2, max([*finite, baseline]) * 1.2)
-        self.ax.set_xlim(0.5, max(epochs[-1], 1) + 0.5)
+        for line, key in ((self.train, "train_loss"), (self.val, "val_loss")):
+            line.set_data(epochs, [_relative(r[key], baseline) for r in history])
         skill = result.final["skill"]
-        self.ax.set_title(f"{result.verdict}: final skill {skill:.3f}" if math.isfinite(skill) else result.verdict)
+        self.title.set_text(f"{result.verdict}: final skill {skill:.3f}" if math.isfinite(skill) else result.verdict)
+        self.canvas.restore_region(self.background)
+        for artist in (self.train, self.val, self.title):
+            self.ax.draw_artist(artist)
+        width, height = self.canvas.get_width_height()
+        image = Image.frombuffer("RGBA", (width, height), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
         buffer = io.BytesIO()
-        self.fig.savefig(buffer, format="png")
+        image.save(buffer, format="png")
         return buffer.getvalue()
+
+
+def _relative(loss: float, baseline: float) -> float:
+    """Loss over the baseline loss; NaN (a gap in the line) where either is not a positive finite number."""
+    if not (0 < baseline < math.inf and 0 <= loss < math.inf):
+        return math.nan
+    return max(loss / baseline, RELATIVE_LOSS_RANGE[0] / 2)  # a perfect fit shows on the floor, not as a gap
 
 
 _FIGURES = threading.local()
 
 
 def curve_png(result: TrialResult) -> bytes:
-    """Loss and skill per epoch as a small PNG (one reused figure per thread; bytes logged as they are)."""
-    figure = getattr(_FIGURES, "figure", None)
-    if figure is None:
-        figure = _FIGURES.figure = _CurveFigure()
-    return figure.png(result)
+    """Train and validation loss per epoch, relative to the mean-prediction loss, as a small PNG (one figure per
+    thread and epoch count; the bytes are logged as they are)."""
+    figures: dict[int, _CurveFigure] = _FIGURES.__dict__.setdefault("by_epochs", {})
+    epochs = result.config.epochs
+    if epochs not in figures:
+        figures[epochs] = _CurveFigure(epochs)
+    return figures[epochs].png(result)
