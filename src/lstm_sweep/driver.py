@@ -22,7 +22,7 @@ import socket
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -316,15 +316,9 @@ class Proposal:
 def propose(study: optuna.Study, spec: SweepSpec, count: int) -> list[Proposal]:
     """Ask Optuna for up to `count` trials (grid: only enqueued cells, so no cell is ever proposed twice)."""
     proposals: list[Proposal] = []
-    if spec.sampler == "grid":
-        # Counted once, not before every ask: each look at the queue reads every queued trial from storage.
-        count = min(count, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
-    for _ in range(count):
-        trial = study.ask()
+    trials = _claim_queued(study, count) if spec.sampler == "grid" else (study.ask() for _ in range(count))
+    for trial in trials:
         trial.set_user_attr("worker", worker_id())  # first thing: lets `recover` tell whose trial it is
-        if spec.sampler == "grid" and "enqueued_by" not in trial.user_attrs:
-            study.tell(trial, state=TrialState.PRUNED)  # another worker took the last queued cell
-            break
         params = spec.suggest(trial)
         cid = config_id(params)
         configs = [spec.config_for(params, r) for r in range(spec.replicates)]
@@ -332,6 +326,27 @@ def propose(study: optuna.Study, spec: SweepSpec, count: int) -> list[Proposal]:
         trial.set_user_attr("config", configs[0].as_dict() | {"seed": None})
         proposals.append(Proposal(trial, params, cid, configs))
     return proposals
+
+
+def _claim_queued(study: optuna.Study, count: int) -> Iterator[Trial]:
+    """Up to `count` queued trials, oldest first, each claimed exactly once across workers.
+
+    What `study.ask` does for a queued trial, but with one read of the queue per batch: `ask` reads every queued
+    trial to pop one (about 0.1 s each for the default grid, with the workers idle meanwhile). The claim itself is
+    the storage's atomic WAITING -> RUNNING switch, so a trial another worker took in between is skipped.
+    """
+    storage = study._storage
+    claimed = 0
+    for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if claimed == count:
+            return
+        try:
+            if not storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        claimed += 1
+        yield optuna.trial.Trial(study, queued._trial_id)
 
 
 def population_key(config: TrialConfig) -> tuple[Any, ...]:
