@@ -171,8 +171,8 @@ def main() -> None:
         "matmul_gflop_per_s": round(peak, 1),
         "epochs": args.epochs,
         "rows": table,
-        "median_single_vs_keras": statistics.median(r["single_vs_keras"] for r in table),
-        "median_population_vs_keras": statistics.median(r["population_vs_keras"] for r in table),
+        "median_single_vs_keras": round(statistics.median(r["single_vs_keras"] for r in table), 2),
+        "median_population_vs_keras": round(statistics.median(r["population_vs_keras"] for r in table), 2),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

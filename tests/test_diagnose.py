@@ -425,3 +425,10 @@ def test_bad_options_are_rejected_before_tensorflow_loads(tmp_path, args, fragme
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert fragment in lines[0] and done.stdout == ""
     assert not (tmp_path / "results").exists()
+
+
+def test_the_tracking_module_loads_without_tensorflow():
+    """`ui` and `server` only need tracking's store helpers: starting them must not wait for TensorFlow."""
+    code = "import sys, lstm_sweep.tracking; assert 'tensorflow' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -22,6 +22,10 @@ def floor_skill(skill: float) -> float:
     return max(SKILL_FLOOR, skill) if math.isfinite(skill) else SKILL_FLOOR
 
 
+# The weight groups whose gradient norms are logged per epoch (defined here, not in `model`, so reading records
+# and tracking do not import TensorFlow).
+WEIGHT_GROUPS = ("input_kernel", "recurrent_kernel", "bias", "readout")
+
 Verdict = Literal["escaped", "partial", "plateau", "diverged"]
 VERDICTS: tuple[Verdict, ...] = ("escaped", "partial", "plateau", "diverged")
 

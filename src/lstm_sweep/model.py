@@ -58,9 +58,6 @@ def weight_group(name: str) -> str:
     return "bias"
 
 
-WEIGHT_GROUPS = ("input_kernel", "recurrent_kernel", "bias", "readout")
-
-
 def init_member(arch: Architecture, units: int, seed: int) -> dict[str, np.ndarray]:
     """One member's initial weights at its own size, zero-padded to the architecture.
 

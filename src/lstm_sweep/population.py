@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from lstm_sweep.config import TrialConfig
+from lstm_sweep.metrics import WEIGHT_GROUPS
 from lstm_sweep.model import (
-    WEIGHT_GROUPS,
     Architecture,
     LayerState,
     forward,

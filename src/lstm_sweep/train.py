@@ -18,8 +18,7 @@ import numpy as np
 from lstm_sweep import metrics
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.errors import ConfigError
-from lstm_sweep.metrics import Measures, Thresholds
-from lstm_sweep.model import WEIGHT_GROUPS
+from lstm_sweep.metrics import WEIGHT_GROUPS, Measures, Thresholds
 from lstm_sweep.tasks import SequenceData, build_data
 
 if TYPE_CHECKING:
