@@ -438,7 +438,7 @@ CTRL_C = """
 name: ctrlc
 sampler: grid
 replicates: 2
-fixed: {task: cycle, epochs: 40, stream_length: 240, batch_size: 8, state_size: 4, output_framing: classification}
+fixed: {task: cycle, epochs: 200, stream_length: 240, batch_size: 8, state_size: 4, output_framing: classification}
 factors:
   learning_rate: {role: nuisance, values: [0.01, 0.1]}
   input_encoding: {values: [raw, onehot]}
