@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from typing import Any
 
 import optuna
+import pytest
 from optuna.trial import TrialState
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
 
 TINY_SWEEP = """
 name: {name}
@@ -51,3 +56,21 @@ def wait_for_completed(proc: subprocess.Popen, study: str, storage: str, count: 
         if completed >= count:
             break
     return completed
+
+
+def postgres_admin_connection() -> tuple[Any, str]:
+    """An autocommit connection to the local PostgreSQL (trust auth) and its user; skips the test without one."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    errors = []
+    for user in ("postgres", "root", os.environ.get("USER", "")):
+        if not user:
+            continue
+        for dbname in ("postgres", "root", "test"):
+            try:
+                conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=user, dbname=dbname, connect_timeout=3)
+            except psycopg2.OperationalError as err:
+                errors.append(str(err).strip().splitlines()[0])
+                continue
+            conn.autocommit = True
+            return conn, user
+    pytest.skip(f"no PostgreSQL server reachable on {PG_HOST}:{PG_PORT} ({'; '.join(sorted(set(errors)))})")

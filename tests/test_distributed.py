@@ -17,36 +17,19 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import tiny_sweep
+from conftest import PG_HOST, PG_PORT, postgres_admin_connection, tiny_sweep
 from lstm_sweep.locks import StudyLock, advisory_key, engine_url
 
-HOST, PORT = "127.0.0.1", 5432
+HOST, PORT = PG_HOST, PG_PORT
 HEARTBEAT, GRACE = 1, 4
 
 SWEEP = tiny_sweep("distributed", epochs=3, momenta="[0.0, 0.5, 0.9]")
 
 
-def _admin_connection():  # type: ignore[no-untyped-def]
-    psycopg2 = pytest.importorskip("psycopg2")
-    errors = []
-    for user in ("postgres", "root", os.environ.get("USER", "")):
-        if not user:
-            continue
-        for dbname in ("postgres", "root", "test"):
-            try:
-                conn = psycopg2.connect(host=HOST, port=PORT, user=user, dbname=dbname, connect_timeout=3)
-            except psycopg2.OperationalError as err:
-                errors.append(str(err).strip().splitlines()[0])
-                continue
-            conn.autocommit = True
-            return conn, user
-    pytest.skip(f"no PostgreSQL server reachable on {HOST}:{PORT} ({'; '.join(sorted(set(errors)))})")
-
-
 @pytest.fixture
 def scratch_dbs() -> Iterator[tuple[str, str]]:
     """Two scratch databases (Optuna, MLflow), dropped at the end."""
-    conn, user = _admin_connection()
+    conn, user = postgres_admin_connection()
     names = [f"lstm_sweep_test_{uuid.uuid4().hex[:12]}" for _ in range(2)]
     with conn.cursor() as cur:
         for name in names:

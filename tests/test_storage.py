@@ -3,44 +3,26 @@ driver, psycopg2) and a SQLite URL with query parameters, for `analysis.load_run
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
 
+from conftest import PG_HOST, PG_PORT, postgres_admin_connection
 from lstm_sweep import analysis
 from lstm_sweep.cli import main
 from lstm_sweep.locks import engine_url
 from test_analysis import MAIN_FACTORS, a_decides, make_study
 
-HOST, PORT = "127.0.0.1", 5432
-
-
-def _admin_connection() -> tuple[Any, str]:
-    psycopg2 = pytest.importorskip("psycopg2")
-    errors = []
-    for user in ("postgres", "root", os.environ.get("USER", "")):
-        if not user:
-            continue
-        for dbname in ("postgres", "test"):
-            try:
-                conn = psycopg2.connect(host=HOST, port=PORT, user=user, dbname=dbname, connect_timeout=3)
-            except psycopg2.OperationalError as err:
-                errors.append(str(err).strip().splitlines()[0])
-                continue
-            conn.autocommit = True
-            return conn, user
-    pytest.skip(f"no PostgreSQL server reachable on {HOST}:{PORT} ({'; '.join(sorted(set(errors)))})")
+HOST, PORT = PG_HOST, PG_PORT
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A plain `postgresql://` URL to a scratch database, dropped at the end."""
-    conn, user = _admin_connection()
+    conn, user = postgres_admin_connection()
     name = f"lstm_sweep_test_{uuid.uuid4().hex[:12]}"
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
