@@ -66,6 +66,8 @@ def test_every_factor_has_an_option(capsys):
         (["run", "any.yaml", "--storage", "notaurl"], "'--storage': got 'notaurl', expected a URL"),
         (["report", "plateau", "--tracking-uri", "mlflow.db"], "'--tracking-uri': got 'mlflow.db', expected a URL"),
         (["diagnose", "--storage", "optuna.db"], "'--storage': got 'optuna.db', expected a URL"),
+        (["ui", "--port", "-3"], "'--port': -3 is not in the range 1<=x<=65535"),
+        (["server", "--backend-store-uri", "runs.db"], "'--backend-store-uri': got 'runs.db', expected a URL"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, args, fragment):
@@ -77,6 +79,14 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, arg
     assert fragment in lines[0]
     assert "Traceback" not in captured.err and captured.out == ""
     assert not (tmp_path / "results").exists()
+
+
+def test_a_server_that_fails_to_start_fails_the_command(tmp_path, monkeypatch):
+    """MLflow's exit code comes through (a taken port used to end `ui` with exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    taken = subprocess.CompletedProcess([], returncode=1)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: taken)
+    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 1
 
 
 @pytest.mark.parametrize("name", ["plateau", "seed", "memory", "tune"])

@@ -39,6 +39,19 @@ def url_option(name: str, **kwargs: Any) -> Callable[..., Any]:
     return click.option(name, callback=_check_url, **kwargs)
 
 
+PORT = click.IntRange(min=1, max=65535)
+
+
+def _serve(cmd: list[str]) -> None:
+    """Run an MLflow server in the foreground; if it fails (a port in use, say), so does this command."""
+    import subprocess
+
+    with contextlib.suppress(KeyboardInterrupt):
+        code = subprocess.run(cmd, check=False).returncode
+        if code:
+            raise click.exceptions.Exit(code)
+
+
 def _click_type(factor: Factor) -> Any:
     if factor.kind == "choice":
         return click.Choice(factor.choices)
@@ -269,11 +282,9 @@ def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking
 @cli.command()
 @url_option("--tracking-uri", default=None, help="[default: sqlite:///results/mlflow.db]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; loopback unless you mean it")
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=PORT)
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
     """Serve the MLflow UI for the sweep store (127.0.0.1 only by default)."""
-    import subprocess
-
     from lstm_sweep.spec import DEFAULT_TRACKING_URI
     from lstm_sweep.tracking import artifact_root_for, ensure_local_store
 
@@ -284,8 +295,7 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     if root:
         cmd += ["--default-artifact-root", root]
     click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
-    with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(cmd, check=False)
+    _serve(cmd)
 
 
 @cli.command()
@@ -311,9 +321,9 @@ def worker(sweep_file: str, **options: Any) -> None:
 
 
 @cli.command()
-@click.option("--backend-store-uri", required=True, help="where runs are stored, e.g. postgresql://user:pw@host/db")
+@url_option("--backend-store-uri", required=True, help="where runs are stored, e.g. postgresql://user:pw@host/db")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind; loopback unless you mean it")
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=PORT)
 @click.option(
     "--artifacts-destination",
     default="results/mlartifacts",
@@ -325,7 +335,6 @@ def server(backend_store_uri: str, host: str, port: int, artifacts_destination: 
 
     Artifacts are proxied through the server (workers need no access to the artifact store).
     """
-    import subprocess
     from pathlib import Path
 
     from lstm_sweep.locks import engine_url
@@ -356,8 +365,7 @@ def server(backend_store_uri: str, host: str, port: int, artifacts_destination: 
         f"MLflow tracking server on http://{host}:{port}, runs in {mask_url(backend_store_uri)}, "
         f"artifacts in {mask_url(destination)} (Ctrl-C to stop)"
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(cmd, check=False)
+    _serve(cmd)
 
 
 @cli.command()
