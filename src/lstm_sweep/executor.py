@@ -48,7 +48,7 @@ def run_job(job: Job, thresholds: Thresholds, render_curves: bool = False) -> Ou
     try:
         results = train_population(job, thresholds=thresholds)
         if render_curves:
-            from lstm_sweep.tracking import curve_png
+            from lstm_sweep.curves import curve_png
 
             for result in results:
                 result.artifacts["curves.png"] = curve_png(result)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from lstm_sweep import tracking
+from lstm_sweep import curves
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.train import RECORD_KEYS, TrialResult
 
@@ -38,16 +38,16 @@ def _pixels(png: bytes) -> np.ndarray:
 def test_a_runs_png_does_not_keep_the_previous_runs_lines() -> None:
     falling = _result([2.0 / 2**k for k in range(10)])
     flat = _result([2.0] * 10, verdict="plateau")
-    tracking.curve_png(falling)
-    reused = tracking.curve_png(flat)
-    fresh = tracking._CurveFigure(10).png(flat)
+    curves.curve_png(falling)
+    reused = curves.curve_png(flat)
+    fresh = curves._CurveFigure(10).png(flat)
     assert reused == fresh
-    assert not np.array_equal(_pixels(reused), _pixels(tracking.curve_png(falling)))
+    assert not np.array_equal(_pixels(reused), _pixels(curves.curve_png(falling)))
 
 
 def test_a_plateaued_runs_line_lies_on_the_mean_prediction_line() -> None:
     """Relative loss 1 is the dashed plateau line; a run at the baseline loss is drawn there, not elsewhere."""
-    figure = tracking._CurveFigure(10)
+    figure = curves._CurveFigure(10)
     blank = _pixels(figure.png(_result([math.nan] * 10)))
     on_plateau = _pixels(figure.png(_result([2.0] * 10)))
     changed_rows = np.flatnonzero(np.any(blank != on_plateau, axis=(1, 2)))
@@ -59,5 +59,5 @@ def test_a_plateaued_runs_line_lies_on_the_mean_prediction_line() -> None:
 
 
 def test_a_diverged_run_draws_without_error() -> None:
-    png = tracking.curve_png(_result([1.0, 5.0, math.inf, math.nan], verdict="diverged"))
+    png = curves.curve_png(_result([1.0, 5.0, math.inf, math.nan], verdict="diverged"))
     assert png.startswith(b"\x89PNG")
