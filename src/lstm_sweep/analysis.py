@@ -18,7 +18,6 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lstm_sweep.config import FACTORS, SEED_CONFIG
 from lstm_sweep.locks import engine_url, sqlite_path
 from lstm_sweep.metrics import SKILL_FLOOR
+from lstm_sweep.spec import default_storage
 
 VARIED_ROLES = ("scientific", "nuisance")
 NA_LEVEL = "n/a"  # the level of a factor that does not apply (momentum under adam)
@@ -64,10 +64,10 @@ def open_study(study_or_name: optuna.Study | str, storage: str | None = None) ->
     if isinstance(study_or_name, optuna.Study):
         return study_or_name
     if storage is None:
-        path = Path("results") / study_or_name / "optuna.db"
-        if not path.exists():
+        storage = default_storage(study_or_name)
+        path = sqlite_path(storage)
+        if path is not None and not path.exists():
             raise FileNotFoundError(f"no Optuna storage for sweep {study_or_name!r} at {path}; pass storage=URL")
-        storage = f"sqlite:///{path}"
     else:
         db = sqlite_path(storage)
         if db is not None and not db.exists():

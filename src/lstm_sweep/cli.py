@@ -285,8 +285,9 @@ def report(sweep: str | None, storage: str | None, out_dir: str | None, tracking
 @click.option("--port", default=5000, show_default=True, type=PORT)
 def ui(tracking_uri: str | None, host: str, port: int) -> None:
     """Serve the MLflow UI for the sweep store (127.0.0.1 only by default)."""
+    from lstm_sweep.locks import ensure_local_store
     from lstm_sweep.spec import DEFAULT_TRACKING_URI
-    from lstm_sweep.tracking import artifact_root_for, ensure_local_store
+    from lstm_sweep.tracking import artifact_root_for
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     ensure_local_store(uri)
@@ -337,9 +338,8 @@ def server(backend_store_uri: str, host: str, port: int, artifacts_destination: 
     """
     from pathlib import Path
 
-    from lstm_sweep.locks import engine_url
+    from lstm_sweep.locks import engine_url, ensure_local_store
     from lstm_sweep.spec import mask_url
-    from lstm_sweep.tracking import ensure_local_store
 
     ensure_local_store(backend_store_uri)
     destination = artifacts_destination

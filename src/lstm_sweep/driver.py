@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.executor import Job, JobFailed, Outcome, make_executor
+from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store
 from lstm_sweep.metrics import floor_skill
 from lstm_sweep.spec import SweepSpec, mask_url
 from lstm_sweep.train import TrialResult, layout_key
@@ -88,13 +89,10 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     # We beat for asked trials ourselves (_Heartbeat), so Optuna's hint about Study.optimize does not apply.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    ensure_local_store(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    from lstm_sweep.locks import engine_url
-
     return optuna.storages.RDBStorage(
         engine_url(url),
         engine_kwargs=engine_kwargs,
@@ -314,7 +312,8 @@ class Proposal:
 
 
 def propose(study: optuna.Study, spec: SweepSpec, count: int) -> list[Proposal]:
-    """Ask Optuna for up to `count` trials (grid: only enqueued cells, so no cell is ever proposed twice)."""
+    """Up to `count` new trials: a grid claims its enqueued cells (so no cell is ever proposed twice), other
+    samplers ask Optuna."""
     proposals: list[Proposal] = []
     trials = _claim_queued(study, count) if spec.sampler == "grid" else (study.ask() for _ in range(count))
     for trial in trials:
@@ -335,6 +334,8 @@ def _claim_queued(study: optuna.Study, count: int) -> Iterator[Trial]:
     trial to pop one (about 0.1 s each for the default grid, with the workers idle meanwhile). The claim itself is
     the storage's atomic WAITING -> RUNNING switch, so a trial another worker took in between is skipped.
     """
+    if count <= 0:
+        return
     storage = study._storage
     claimed = 0
     for queued in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -346,7 +347,7 @@ def _claim_queued(study: optuna.Study, count: int) -> Iterator[Trial]:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         claimed += 1
-        yield optuna.trial.Trial(study, queued._trial_id)
+        yield Trial(study, queued._trial_id)
 
 
 def population_key(config: TrialConfig) -> tuple[Any, ...]:
@@ -524,8 +525,6 @@ def run_sweep(
     results are recorded by a background writer while the next group trains. `workers` > 1 trains in that many
     processes (the stores stay in this one); `population=False` trains every run on its own.
     """
-    from lstm_sweep.locks import StudyLock
-
     study_lock = StudyLock(storage_url, spec.name)
     with study_lock():  # several workers may start at once: each sees the others' enqueued cells
         study = open_study(spec, storage_url)

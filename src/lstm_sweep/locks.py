@@ -40,6 +40,13 @@ def sqlite_path(storage_url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def ensure_local_store(url: str) -> None:
+    """Create the folder of a `sqlite:///` store (SQLite creates the file, not its folder); others are left alone."""
+    db = sqlite_path(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+
+
 class StudyLock:
     """Serializes a critical section across every process working on one study (see the module docstring)."""
 

@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from lstm_sweep.curves import curve_png
-from lstm_sweep.locks import sqlite_path
+from lstm_sweep.locks import ensure_local_store, sqlite_path
 from lstm_sweep.spec import mask_url
 from lstm_sweep.train import RECORD_KEYS, TrialResult
 
@@ -32,12 +32,6 @@ def artifact_root_for(tracking_uri: str) -> str | None:
     """Keep artifacts beside a local SQLite store (under results/), not in ./mlruns of whatever cwd."""
     db = sqlite_path(tracking_uri)
     return None if db is None else (db.parent / "mlartifacts").resolve().as_uri()
-
-
-def ensure_local_store(tracking_uri: str) -> None:
-    db = sqlite_path(tracking_uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _finite(value: Any) -> float | None:
