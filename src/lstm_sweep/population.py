@@ -318,6 +318,7 @@ class Population:
         group_sums = tf.zeros((p, len(WEIGHT_GROUPS)))
         ratio_sum = tf.zeros((p,))
         state: list[LayerState] = zero_state(self.arch, p, lanes)  # carried only when stateful
+        idle = tf.convert_to_tensor(self.idle)  # never trained: read once per epoch
         # The window's targets come in as loop-carried values, read one iteration ahead: a target sliced inside
         # the step lets XLA fuse the slice into every time step's backward kernel and recompute it there.
         y_next, labels_next = train_y[0], labels[0]
@@ -330,7 +331,7 @@ class Population:
                 tape.watch(theta)
                 out, carried, _, _, _ = forward(
                     self.arch,
-                    self.views(theta),
+                    self.views(theta, idle),
                     train_x[s],
                     state if self.stateful else None,
                     h["forget_bias"],

@@ -120,7 +120,26 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def measure(data: SequenceData, outputs: np.ndarray, regression: bool) -> tuple[Measures, np.ndarray]:
+@dataclass(frozen=True)
+class Reference:
+    """What every member of a population is measured against: fixed by the data, so computed once."""
+
+    baseline_loss: float
+    majority_rate: float
+
+    @classmethod
+    def of(cls, data: SequenceData, regression: bool) -> Reference:
+        val = data.val
+        if regression:
+            baseline = metrics.regression_baseline(data.train.y, val.y)
+        else:
+            baseline = metrics.classification_baseline(data.class_prior, val.labels)
+        return cls(baseline, metrics.majority_rate(val.labels))
+
+
+def measure(
+    data: SequenceData, outputs: np.ndarray, regression: bool, reference: Reference
+) -> tuple[Measures, np.ndarray]:
     """Validation measures for one member; outputs (steps, lanes, time, outputs). Also returns decoded symbols."""
     val = data.val
     with np.errstate(all="ignore"):
@@ -128,13 +147,11 @@ def measure(data: SequenceData, outputs: np.ndarray, regression: bool) -> tuple[
         if regression:
             pred_values = out64[..., 0]
             loss = float(np.mean((pred_values - val.y) ** 2))
-            baseline = metrics.regression_baseline(data.train.y, val.y)
             predicted = data.decode_regression(np.nan_to_num(pred_values, nan=0.0, posinf=1e30, neginf=-1e30))
             ratio: float | None = metrics.std_ratio(np.nan_to_num(pred_values), val.y)
         else:
             logp = _log_softmax(out64)
             loss = float(-np.mean(np.take_along_axis(logp, val.labels[..., None], axis=-1)))
-            baseline = metrics.classification_baseline(data.class_prior, val.labels)
             predicted = np.nan_to_num(out64, nan=0.0).argmax(axis=-1)
             ratio = None
     if not math.isfinite(loss):
@@ -142,10 +159,10 @@ def measure(data: SequenceData, outputs: np.ndarray, regression: bool) -> tuple[
     accuracy = metrics.symbol_accuracy(predicted, val.labels)
     m = Measures(
         loss=loss,
-        baseline_loss=baseline,
-        skill=metrics.skill(loss, baseline),
+        baseline_loss=reference.baseline_loss,
+        skill=metrics.skill(loss, reference.baseline_loss),
         symbol_accuracy=accuracy,
-        majority_rate=metrics.majority_rate(val.labels),
+        majority_rate=reference.majority_rate,
         distinct_symbols=metrics.distinct_symbols(predicted),
         pred_std_ratio=ratio,
     )
@@ -196,6 +213,7 @@ def train_population(
     pop = _population_for(configs)
     pop.load(configs)
     data = pop.data
+    reference = Reference.of(data, pop.regression)
     histories: list[list[dict[str, float]]] = [[] for _ in configs]
     per_epoch: list[list[Measures]] = [[] for _ in configs]
     predicted_last: list[np.ndarray] = [np.zeros(0, np.int64) for _ in configs]
@@ -206,7 +224,7 @@ def train_population(
         hidden = np.moveaxis(ev["hidden"], 1, 0)
         alive = pop.alive.numpy()
         for i, c in enumerate(configs):
-            m, predicted = measure(data, outputs[i], pop.regression)
+            m, predicted = measure(data, outputs[i], pop.regression, reference)
             if not alive[i]:
                 m = dataclasses.replace(m, loss=math.inf, skill=-math.inf)
             per_epoch[i].append(m)
