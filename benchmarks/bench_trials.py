@@ -17,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from lstm_sweep.config import TrialConfig
-from lstm_sweep.tasks import build_data
+from lstm_sweep.tasks import SequenceData, build_data
 from lstm_sweep.train import train, train_population
 
 
@@ -41,7 +41,6 @@ class Row:
     population_s: float = 0.0
     members: int = 0
     useful_gflop: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         keras_steps = self.steps_per_trial / self.keras_s
@@ -63,7 +62,6 @@ class Row:
             "population_trials_per_s": round(pop_trials, 2),
             "population_vs_keras": round(pop_trials / keras_trials, 1),
             "population_gflop_per_s": round(self.useful_gflop / self.population_s, 2),
-            **self.extra,
         }
 
 
@@ -97,13 +95,12 @@ def _once(fn: Any) -> float:
     return time.perf_counter() - started
 
 
-def useful_flops(config: TrialConfig, steps: int, members: int) -> float:
+def useful_flops(config: TrialConfig, data: SequenceData, steps: int, members: int) -> float:
     """Multiply-adds of the LSTM and readout, forward and backward (3x forward), for every member and step.
 
     A window starts from the zero state, so its first step has no recurrent product: with seq_len 1 the
     recurrent kernel does no useful work at all (lstm-sweep skips it, so counting it would flatter the rate).
     """
-    data = build_data(config)
     n, f, t = config.state_size, data.num_features, config.seq_len
     outputs = 1 if config.output_framing == "regression" else data.num_classes
     per_window = 2 * (f * 4 * n * t + n * 4 * n * (t - 1) + n * outputs * t)
@@ -157,7 +154,7 @@ def main() -> None:
                 train_population(members)  # trace once
                 row.population_s = timed(lambda m=members: train_population(m), args.repeats)
                 row.members = args.members
-                row.useful_gflop = useful_flops(config, data.train.x.shape[0] * args.epochs, args.members) / 1e9
+                row.useful_gflop = useful_flops(config, data, steps, args.members) / 1e9
                 rows.append(row)
                 print(json.dumps(row.as_dict()), flush=True)
 

@@ -20,7 +20,6 @@ from optuna.trial import TrialState
 from conftest import PG_HOST, PG_PORT, postgres_admin_connection, tiny_sweep
 from lstm_sweep.locks import StudyLock, advisory_key, engine_url
 
-HOST, PORT = PG_HOST, PG_PORT
 HEARTBEAT, GRACE = 1, 4
 
 SWEEP = tiny_sweep("distributed", epochs=3, momenta="[0.0, 0.5, 0.9]")
@@ -36,7 +35,10 @@ def scratch_dbs() -> Iterator[tuple[str, str]]:
             cur.execute(f'CREATE DATABASE "{name}"')
     try:
         # Optuna storage as users write it; MLflow with the driver named (psycopg2 is what the dev extras install).
-        yield f"postgresql://{user}@{HOST}:{PORT}/{names[0]}", f"postgresql+psycopg2://{user}@{HOST}:{PORT}/{names[1]}"
+        yield (
+            f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{names[0]}",
+            f"postgresql+psycopg2://{user}@{PG_HOST}:{PG_PORT}/{names[1]}",
+        )
     finally:
         with conn.cursor() as cur:
             for name in names:

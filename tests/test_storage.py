@@ -16,8 +16,6 @@ from lstm_sweep.cli import main
 from lstm_sweep.locks import engine_url
 from test_analysis import MAIN_FACTORS, a_decides, make_study
 
-HOST, PORT = PG_HOST, PG_PORT
-
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
@@ -27,7 +25,7 @@ def postgres_url() -> Iterator[str]:
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"postgresql://{user}@{HOST}:{PORT}/{name}"
+        yield f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
         with conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -36,7 +36,7 @@ import numpy as np
 from lstm_sweep.config import FACTORS, SEED_CONFIG, TrialConfig
 from lstm_sweep.errors import ConfigError
 from lstm_sweep.files import write_atomic
-from lstm_sweep.metrics import VERDICTS, Thresholds
+from lstm_sweep.metrics import SKILL_FLOOR, VERDICTS, Thresholds
 from lstm_sweep.tasks import SequenceData, build_data
 
 if TYPE_CHECKING:
@@ -992,7 +992,9 @@ def curves_png(left: Sequence[Mapping[str, Any]], right: Sequence[Mapping[str, A
             loss = np.array([math.nan if v is None else float(v) for v in curve["val_loss"]], dtype=float)
             skill = np.array([math.nan if v is None else float(v) for v in curve["skill"]], dtype=float)
             loss[~np.isfinite(loss)] = math.nan
-            skill = np.where(np.isfinite(skill), np.maximum(skill, -1.0), np.where(np.isnan(skill), math.nan, -1.0))
+            skill = np.where(
+                np.isfinite(skill), np.maximum(skill, SKILL_FLOOR), np.where(np.isnan(skill), math.nan, SKILL_FLOOR)
+            )
             ax_loss.plot(np.arange(1, len(loss) + 1), loss, lw=1.2, color=f"C{i % 10}", label=f"replicate {i}")
             ax_skill.plot(np.arange(1, len(skill) + 1), skill, lw=1.2, color=f"C{i % 10}")
         baseline = curves[0].get("baseline_loss") if curves else None

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.metrics import Thresholds
-from lstm_sweep.train import TrialResult
+from lstm_sweep.train import TrialResult, train_population
 
 Job = list[TrialConfig]
 
@@ -43,8 +43,6 @@ class Executor(Protocol):
 def run_job(job: Job, thresholds: Thresholds, render_curves: bool = False) -> Outcome:
     """Train one job; with render_curves, also draw each result's curves.png here (in a worker process that is
     parallel work taken off the single writer thread, which otherwise trails the workers at the end)."""
-    from lstm_sweep.train import train_population
-
     try:
         results = train_population(job, thresholds=thresholds)
         if render_curves:

@@ -45,7 +45,7 @@ def uses_xla(layout: TrialConfig, members: int, max_units: int) -> bool:
     By default when members x seq_len x units >= XLA_MIN_WORK. XLA fuses the many small per-step ops into a few
     kernels: measured here (ms a step, plain graph vs XLA), 48 members at seq_len 1 with 64 units 1.2 vs 0.45
     (regression) and 2.5 vs 1.9 (classification); 48 members at seq_len 8, 50 vs 12-15; one member at seq_len
-    8 with 64 units 0.9-1.4 vs 0.5-0.6. Its compile costs 0.7 s (seq_len 1) to 2 s (seq_len 8) more than
+    8 with 64 units 0.9-1.4 vs 0.5-0.6. Its compile costs 0.7 s (seq_len 1) to about 3 s (seq_len 12) more than
     tracing a plain graph, which a single small trial does not earn back (one member at seq_len 1 saves 0.1 s
     over 20 epochs), so lone small members stay plain graphs.
     """
