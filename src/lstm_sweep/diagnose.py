@@ -38,12 +38,12 @@ from lstm_sweep.errors import ConfigError
 from lstm_sweep.files import write_atomic
 from lstm_sweep.metrics import SKILL_FLOOR, VERDICTS, Thresholds
 from lstm_sweep.tasks import SequenceData, build_data
+from lstm_sweep.train import TrialResult, layout_key, train_population
 
 if TYPE_CHECKING:
     import optuna
 
     from lstm_sweep.spec import SweepSpec
-    from lstm_sweep.train import TrialResult  # the training stack (TensorFlow) loads only when something trains
 
 # --- thresholds of the findings (each finding names the measurement it compares with one of these)
 
@@ -374,7 +374,7 @@ def _hit_unstable(result: TrialResult, facts: DataFacts) -> _Hit | None:
     )
 
 
-Detector = Callable[["TrialResult", DataFacts], "_Hit | None"]
+Detector = Callable[[TrialResult, DataFacts], "_Hit | None"]
 # key, title, detector, applies to diverged runs (their records stop meaning anything after the blow-up)
 DETECTORS: tuple[tuple[str, str, Detector, bool], ...] = (
     ("diverged", "diverged", _hit_diverged, True),
@@ -528,7 +528,6 @@ def single_changes(
     base: TrialConfig, alternatives: Mapping[str, Sequence[Any]], seeds: Sequence[int]
 ) -> tuple[list[Change], list[str]]:
     """One Change per factor value, in factor-table order; also the ones that cannot run, with the reason."""
-    from lstm_sweep.train import layout_key
 
     changes: list[Change] = []
     skipped: list[str] = []
@@ -1150,7 +1149,6 @@ def run_diagnosis(
     """Train the original (tracked, as the sweep's first cell), find what its diagnostics show, then run the
     neighbourhood (and pairs when no single change escapes), write the files and attach them to MLflow."""
     from lstm_sweep.driver import open_study
-    from lstm_sweep.train import train_population
 
     spec = plan.spec
     tracker = _open_tracker(spec, plan.sweep_file_text)
