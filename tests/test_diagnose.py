@@ -218,6 +218,51 @@ def test_neighbourhood_spec_has_the_driver_interface():
     assert dg.plan_diagnosis({"epochs": 3}, replicates=2).spec.name != spec.name
 
 
+# (name, accepted in a sweep file, accepted by diagnose): one rule, limit 128; diagnose keeps 6 characters for
+# the "-pairs" study it may add, so its names stop at 122
+NAMES = [
+    ("plateau", True, True),
+    ("a.b_c-1", True, True),
+    ("", False, False),
+    ("..", False, False),
+    ("no spaces", False, False),
+    ("a/b", False, False),
+    ("x" * 122, True, True),
+    ("x" * 123, True, False),
+    ("x" * 128, True, False),
+    ("x" * 129, False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "in_sweep_file", "in_diagnose"), NAMES, ids=[n if len(n) < 20 else f"{len(n)} chars" for n, *_ in NAMES]
+)
+def test_one_name_rule_for_sweep_files_and_diagnose(name: str, in_sweep_file: bool, in_diagnose: bool) -> None:
+    from lstm_sweep.errors import ConfigError, SweepFileError
+    from lstm_sweep.spec import NAME_MAX_LENGTH, is_valid_name, name_allowed, parse_sweep
+
+    doc = {"name": name, "factors": {"learning_rate": {"values": [0.01, 0.1]}}}
+    if in_sweep_file:
+        assert parse_sweep(doc, "s.yaml").name == name
+    else:
+        with pytest.raises(SweepFileError) as sweep_err:
+            parse_sweep(doc, "s.yaml")
+        assert f"at most {NAME_MAX_LENGTH} characters" in name_allowed()
+        assert any(  # long values are shortened in the line, so match its two ends
+            line.startswith("s.yaml: name: got '") and line.endswith(f", expected {name_allowed()}")
+            for line in sweep_err.value.problems
+        ), sweep_err.value.problems
+    if in_diagnose:
+        assert dg.plan_diagnosis({"epochs": 2}, replicates=1, name=name).spec.name == name
+        assert is_valid_name(name + dg.PAIRS_SUFFIX)  # the pairs stage's study name is valid too
+    else:
+        with pytest.raises(ConfigError) as diag_err:
+            dg.plan_diagnosis({"epochs": 2}, replicates=1, name=name)
+        assert diag_err.value.key == "name" and diag_err.value.value == name
+        assert diag_err.value.allowed == name_allowed(NAME_MAX_LENGTH - len(dg.PAIRS_SUFFIX))
+        assert "at most 122 characters" in diag_err.value.allowed
+
+
 def row(label: str, factors: dict[str, Any], skill: float, escaped: int = 0) -> dg.NeighbourRow:
     return dg.NeighbourRow(label, factors, 2, escaped, skill, None, {"plateau": 2 - escaped, "escaped": escaped})
 

@@ -715,9 +715,11 @@ def boundary_flags(
     if spec_factors is None:
         spec_factors = (runs.attrs.get("sweep") or {}).get("factors") or {}
     columns = ["config_id", "why", "factor", "value", "low", "high", "edge", "domain"]
+    if runs.empty:  # no configuration to check
+        return pd.DataFrame(columns=columns)
     numeric = [f for f in varied_factors(runs) if _is_numeric(runs[f].dropna()) and runs[f].notna().any()]
-    per_config = configs(runs) if not runs.empty else pd.DataFrame()
-    table = per_config.set_index("config_id") if not runs.empty else pd.DataFrame()
+    per_config = configs(runs)
+    table = per_config.set_index("config_id")
     flags: dict[tuple[str, str], dict[str, Any]] = {}
     for cid, why, held in _best_configs(runs, per_config):
         for f in numeric:

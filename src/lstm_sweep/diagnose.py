@@ -23,7 +23,6 @@ import io
 import itertools
 import json
 import math
-import re
 import statistics
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +57,7 @@ ESCAPING_RATE = 0.5  # a change "escapes" when at least this fraction of its rep
 PAIR_POOL = 4  # when no single change escapes, pairs are formed from this many best single changes
 DEFAULT_REPLICATES = 3
 ORIGINAL = "original"
+PAIRS_SUFFIX = "-pairs"  # the two-factor stage runs as its own study, <name>-pairs
 
 # --- measured properties of the data
 
@@ -514,11 +514,14 @@ def _is_noop(base: TrialConfig, values: Mapping[str, Any]) -> bool:
     )
 
 
-def _check_change(base: TrialConfig, values: Mapping[str, Any], seeds: Sequence[int]) -> str | None:
-    """Why the changed configuration cannot run (None if it can): a bad value or a data layout that does not fit."""
+def _check_change(base: TrialConfig, values: Mapping[str, Any], seed: int) -> str | None:
+    """Why the changed configuration cannot run (None if it can): a bad value or a data layout that does not fit.
+
+    One seed is enough: `plan_diagnosis` checks every replicate seed against the base, no rule ties the seed to
+    another field, and the data use data_seed, not seed, so every replicate of the change fails or runs alike.
+    """
     try:
-        configs = [base.replace(**values, seed=s) for s in seeds]
-        build_data(configs[0])
+        build_data(base.replace(**values, seed=seed))
     except ConfigError as err:
         return str(err)
     return None
@@ -541,7 +544,7 @@ def single_changes(
                 skipped.append(f"{change.label}: {err}")
                 continue
             if key not in checked:
-                checked[key] = _check_change(base, {name: value}, seeds)
+                checked[key] = _check_change(base, {name: value}, seeds[0])
             problem = checked[key]  # data depend on the layout alone; the value itself was checked above
             if problem:
                 skipped.append(f"{change.label}: {problem}")
@@ -1021,9 +1024,6 @@ def curves_png(left: Sequence[Mapping[str, Any]], right: Sequence[Mapping[str, A
 # --- planning and running
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,120}")
-
-
 @dataclass(frozen=True)
 class Plan:
     """A validated diagnosis: the neighbourhood spec (whose first cell is the original) and what was left out."""
@@ -1048,10 +1048,19 @@ def plan_diagnosis(
 
     Everything that can be wrong with the input is raised here as a ConfigError, before anything trains.
     """
-    from lstm_sweep.spec import DEFAULT_TRACKING_URI, default_storage, load_sweep
+    from lstm_sweep.spec import (
+        DEFAULT_TRACKING_URI,
+        NAME_MAX_LENGTH,
+        default_storage,
+        is_valid_name,
+        load_sweep,
+        name_allowed,
+    )
 
-    if name is not None and (not _NAME_RE.fullmatch(name) or set(name) == {"."}):
-        raise ConfigError("name", name, "a name of letters, digits, '_', '.', '-' (at most 120 characters)")
+    # the pairs stage's study is <name>-pairs: leave room for the suffix so that name is within the limit too
+    max_length = NAME_MAX_LENGTH - len(PAIRS_SUFFIX)
+    if name is not None and not is_valid_name(name, max_length):
+        raise ConfigError("name", name, name_allowed(max_length))
     thresholds = Thresholds()
     text = None
     if sweep_file is not None:
@@ -1188,7 +1197,7 @@ def run_diagnosis(
                 if pairs:
                     pair_spec = dataclasses.replace(
                         spec,
-                        name=f"{spec.name}-pairs",
+                        name=spec.name + PAIRS_SUFFIX,
                         changes=tuple(pairs),
                         description=f"diagnose: two-factor changes for {spec.name}",
                     )

@@ -643,14 +643,15 @@ def build_sections(
     runs: pd.DataFrame,
     table: pd.DataFrame,
     pairs: pd.DataFrame,
+    summary: Mapping[str, Any],
     imp: pd.DataFrame | None,
     imp_error: str | None,
     failed: pd.DataFrame,
     seed_config: Mapping[str, Any],
 ) -> list[Section]:
-    """The report's sections, verdict first."""
-    summary = analysis.summarize(runs, table, pairs)
-    summary["failed_trials"] = len(failed)
+    """The report's sections, verdict first. `summary` is `analysis.summarize(runs, table, pairs)`, taken from
+    the caller so the plots and the text share one computation."""
+    summary = {**summary, "failed_trials": len(failed)}
     effects = analysis.factor_effects(table, imp, balanced=analysis.is_balanced(runs))
     opening, lines = verdict_lines(summary, effects, pairs, imp, seed_sentence(runs, seed_config))
     shown_pairs = pairs.head(MAX_INTERACTION_ROWS)
@@ -726,16 +727,16 @@ def write_report(
         imp_error = f"{type(err).__name__}: {err}"
     failed = _failed_frame(runs, study)
     seed_runs = analysis.nearest_runs(runs, seed_config)[0] if len(runs) else runs
-    overall = float(runs["escaped"].mean()) if len(runs) else math.nan  # summarize's escape_rate
+    summary = analysis.summarize(runs, table, pairs)
     images = {
-        "escape_rate.png": plot_escape_rates(table, overall),
+        "escape_rate.png": plot_escape_rates(table, summary["escape_rate"]),
         "skill_vs_lr.png": plot_skill_vs_lr(runs),
         "interaction.png": plot_interaction(runs, pairs),
         "curves.png": plot_curves(runs, seed_runs),
     }
     sweep = runs.attrs.get("sweep") or {}
     title = f"lstm-sweep report: {sweep.get('name') or runs.attrs.get('study_name') or 'sweep'}"
-    sections = build_sections(runs, table, pairs, imp, imp_error, failed, seed_config)
+    sections = build_sections(runs, table, pairs, summary, imp, imp_error, failed, seed_config)
     if sweep.get("description"):
         sections[0].blocks.insert(0, f"Sweep: {sweep['description']}")
     contents: dict[str, bytes] = {

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import optuna
 import yaml
@@ -89,7 +89,23 @@ FACTOR_ORDER: tuple[str, ...] = tuple(
     )
 )
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_NAME_ALLOWED = "a name of letters, digits, '_', '.', '-' (not only dots, at most 128 characters)"
+NAME_MAX_LENGTH = 128  # a study name also names its results/<name>/ directory and MLflow experiment
+
+
+def name_allowed(max_length: int = NAME_MAX_LENGTH) -> str:
+    """What `is_valid_name` accepts, worded for the `expected ...` part of an error."""
+    return f"a name of letters, digits, '_', '.', '-' (not only dots, at most {max_length} characters)"
+
+
+def is_valid_name(name: object, max_length: int = NAME_MAX_LENGTH) -> TypeGuard[str]:
+    """The one rule for sweep and study names (sweep files, `diagnose --name`): safe as a directory name
+    under results/ and in a sqlite URL, so no separators, spaces or a bare `.`/`..`."""
+    return (
+        isinstance(name, str)
+        and len(name) <= max_length
+        and _NAME_RE.fullmatch(name) is not None
+        and set(name) != {"."}
+    )
 
 
 def default_storage(name: str) -> str:
@@ -587,11 +603,11 @@ def parse_sweep(data: object, source: str) -> SweepSpec:
 
 def _parse_name(data: Mapping[Any, Any], problems: _Problems) -> str | None:
     if "name" not in data:
-        problems.missing("name", _NAME_ALLOWED)
+        problems.missing("name", name_allowed())
         return None
     name = data["name"]
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or set(name) == {"."} or len(name) > 128:
-        problems.bad("name", name, _NAME_ALLOWED)
+    if not is_valid_name(name):
+        problems.bad("name", name, name_allowed())
         return None
     return name
 
