@@ -3,6 +3,7 @@ lstm-sweep's population mode, on the same data and configurations. Prints steps/
 and writes them to results/benchmarks/.
 
     .venv/bin/python benchmarks/bench_trials.py [--epochs 20] [--members 64] [--repeats 2] [--seq-lens 1,12]
+        [--threads lstm-sweep|tf-default]
 
 Every timing is a whole trial as a sweep pays for it: Keras builds and compiles a new model per trial (its
 trace included); lstm-sweep reuses its compiled population for a layout it has seen (the first, tracing call is
@@ -27,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from lstm_sweep.config import TrialConfig
+from lstm_sweep.executor import configure_threads
 from lstm_sweep.tasks import SequenceData, build_data
 from lstm_sweep.train import train, train_population
 
@@ -108,14 +110,24 @@ def useful_flops(config: TrialConfig, data: SequenceData, steps: int, members: i
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    a = tf.random.normal((size, size))
-    b = tf.random.normal((size, size))
-    tf.matmul(a, b).numpy()
+    """The machine's fp32 matmul rate under these thread settings: one chain of dependent 1024^2 matmuls per
+    core, the chains independent, so the inter-op pool runs them side by side (one chain reaches one core)."""
+    chains = os.cpu_count() or 1
+    pairs = [(tf.random.normal((size, size)), tf.random.normal((size, size)) / size**0.5) for _ in range(chains)]
+
+    @tf.function
+    def run() -> list[tf.Tensor]:
+        ends = []
+        for a, b in pairs:
+            for _ in range(repeats):
+                a = tf.matmul(a, b)
+            ends.append(a)
+        return ends
+
+    [end.numpy() for end in run()]
     started = time.perf_counter()
-    for _ in range(repeats):
-        c = tf.matmul(a, b)
-    c.numpy()
-    return 2.0 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+    [end.numpy() for end in run()]
+    return 2.0 * size**3 * repeats * chains / (time.perf_counter() - started) / 1e9
 
 
 def main() -> None:
@@ -125,8 +137,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seq-lens", default="1,12", help="comma-separated (the default sweep uses 1 and 8)")
     parser.add_argument("--out", default="results/benchmarks")
+    parser.add_argument(
+        "--threads",
+        choices=("lstm-sweep", "tf-default"),
+        default="lstm-sweep",
+        help="TensorFlow thread settings for all three sides",
+    )
     args = parser.parse_args()
 
+    if args.threads == "lstm-sweep":
+        # As `lstm-sweep run` sets them (one thread per op, two ops side by side). Set before the first op, they
+        # hold for Keras too: compare with `--threads tf-default` (README quotes both).
+        configure_threads(inter_op=2)
     peak = matmul_gflops()
     rows: list[Row] = []
     for framing, encoding in (("regression", "raw"), ("classification", "onehot")):
@@ -165,6 +187,10 @@ def main() -> None:
         r["population_vs_keras_at_peak"] = round(row.keras_s * peak * row.members / row.useful_gflop, 1)
     summary = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
+        "threads": {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        },
         "matmul_gflop_per_s": round(peak, 1),
         "epochs": args.epochs,
         "rows": table,
