@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lstm_sweep.config import TrialConfig
-from lstm_sweep.executor import JobFailed, run_job
+from lstm_sweep.driver import Proposal, jobs_for
+from lstm_sweep.executor import Job, JobFailed, run_job
 from lstm_sweep.metrics import Thresholds
+from lstm_sweep.population import XLA_MIN_RUNS, uses_xla
 
 TINY = TrialConfig(stream_length=240, epochs=2)
 
 
 def test_a_worker_can_draw_each_runs_curves_ahead_for_tracking() -> None:
-    drawn = run_job([TINY, TINY.replace(seed=1)], Thresholds(), render_curves=True)
+    drawn = run_job(Job([TINY, TINY.replace(seed=1)]), Thresholds(), render_curves=True)
     assert not isinstance(drawn, JobFailed)
     assert all(r.artifacts["curves.png"].startswith(b"\x89PNG") for r in drawn)
-    plain = run_job([TINY], Thresholds())
+    plain = run_job(Job([TINY]), Thresholds())
     assert not isinstance(plain, JobFailed) and plain[0].artifacts == {}
 
 
 def test_a_job_that_raises_comes_back_as_its_error() -> None:
-    failed = run_job([TINY.replace(seq_len=400)], Thresholds())
+    failed = run_job(Job([TINY.replace(seq_len=400)]), Thresholds())
     assert isinstance(failed, JobFailed)
     assert "seq_len" in failed.message and "Traceback" in failed.traceback
+
+
+def test_every_job_knows_how_many_runs_of_its_layout_the_batch_holds() -> None:
+    """Lone runs of one layout share a graph, so their count (not 1) decides whether XLA's compile pays."""
+    configs = [[TINY.replace(seed=s, learning_rate=lr)] for lr in (0.01, 0.1) for s in (0, 1, 2)]
+    group = [Proposal(None, {}, str(i), c) for i, c in enumerate(configs)]  # type: ignore[arg-type]
+    together = jobs_for(group, population=True)
+    assert [(len(j.configs), j.layout_runs) for j in together] == [(6, 6)]
+    alone = jobs_for(group, population=False)
+    assert [(len(j.configs), j.layout_runs) for j in alone] == [(1, 6)] * 6
+    assert [j.configs[0] for j in alone] == together[0].configs
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "runs", "forced", "expected"),
+    [
+        (1, 1, "", True),  # seq_len 1: XLA's compile costs about what tracing does
+        (8, 1, "", False),  # a lone longer trial: the compile would not be repaid
+        (8, XLA_MIN_RUNS - 1, "", False),
+        (8, XLA_MIN_RUNS, "", True),
+        (12, 64, "", True),
+        (12, 64, "0", False),
+        (8, 1, "1", True),
+    ],
+)
+def test_xla_is_chosen_by_seq_len_and_runs_of_the_layout(
+    monkeypatch: pytest.MonkeyPatch, seq_len: int, runs: int, forced: str, expected: bool
+) -> None:
+    monkeypatch.setenv("LSTM_SWEEP_XLA", forced)
+    assert uses_xla(TINY.replace(seq_len=seq_len), runs) is expected

@@ -374,7 +374,7 @@ def test_equal_shapes_share_one_graph_without_mixing_data() -> None:
     raw = scaled.replace(input_encoding="raw")
     first = train(scaled)
     other = train(raw)
-    assert _population_for([raw]) is _population_for([scaled])  # raw and scaled codes: one feature each
+    assert _population_for([raw], 1) is _population_for([scaled], 1)  # raw and scaled codes: one feature each
     again = train(scaled)
     assert same_history(first, again)  # the raw data trained in between did not stay behind
     assert not same_history(first, other)
@@ -385,7 +385,7 @@ def test_population_matches_lone_training_with_and_without_xla(monkeypatch: pyte
     monkeypatch.setenv("LSTM_SWEEP_XLA", xla)
     members = [TINY4.replace(state_size=4, learning_rate=3e-2, seed=0), TINY4.replace(state_size=16, seed=2)]
     together = train_population(members)
-    assert _population_for(members).xla == (xla == "1")
+    assert _population_for(members, 1).xla == (xla == "1")
     for cfg, mate in zip(members, together, strict=True):
         alone = train(cfg)
         for key in alone.history[0]:

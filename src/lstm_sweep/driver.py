@@ -365,9 +365,12 @@ def group_by_layout(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
 
 
 def jobs_for(group: Sequence[Proposal], population: bool) -> list[Job]:
-    """One job with every replicate of every trial in the group (population mode), or one job per run."""
+    """One job with every replicate of every trial in the group (population mode), or one job per run; either way
+    each job knows how many runs of its layout the group holds (lone runs of one layout reuse one graph)."""
     configs = [c for p in group for c in p.configs]
-    return [configs] if population else [[c] for c in configs]
+    if population:
+        return [Job(configs, len(configs))]
+    return [Job([c], len(configs)) for c in configs]
 
 
 def split_results(group: Sequence[Proposal], outcomes: Sequence[Outcome]) -> list[list[TrialResult]] | JobFailed:

@@ -18,7 +18,14 @@ from lstm_sweep.config import TrialConfig
 from lstm_sweep.metrics import Thresholds
 from lstm_sweep.train import TrialResult, train_population
 
-Job = list[TrialConfig]
+
+@dataclass(frozen=True)
+class Job:
+    """Configurations that train as one population (or one lone configuration), and how many runs of their layout
+    the batch holds in all: with the population size that decides whether the graph is compiled by XLA."""
+
+    configs: list[TrialConfig]
+    layout_runs: int = 1
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ def run_job(job: Job, thresholds: Thresholds, render_curves: bool = False) -> Ou
     """Train one job; with render_curves, also draw each result's curves.png here (in a worker process that is
     parallel work taken off the single writer thread, which otherwise trails the workers at the end)."""
     try:
-        results = train_population(job, thresholds=thresholds)
+        results = train_population(job.configs, thresholds=thresholds, layout_runs=job.layout_runs)
         if render_curves:
             from lstm_sweep.curves import curve_png
 

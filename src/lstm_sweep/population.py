@@ -35,24 +35,24 @@ from lstm_sweep.tasks import SequenceData
 
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 ANNEAL_GAMMA = 0.55
-XLA_MIN_WORK = 256  # members x seq_len x state size from which XLA pays for its compile
+XLA_MIN_RUNS = 6  # runs of one layout (members, or lone runs in a row) from which XLA repays its compile
 HYPER_KEYS = ("learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "forget_bias")
 
 
-def uses_xla(layout: TrialConfig, members: int, max_units: int) -> bool:
-    """Whether a population's epoch is compiled with XLA: `LSTM_SWEEP_XLA` = 1 or 0 forces it.
+def uses_xla(layout: TrialConfig, runs: int) -> bool:
+    """Whether a layout's epoch is compiled with XLA: `LSTM_SWEEP_XLA` = 1 or 0 forces it.
 
-    By default when members x seq_len x units >= XLA_MIN_WORK. XLA fuses the many small per-step ops into a few
-    kernels: measured here (ms a step, plain graph vs XLA), 48 members at seq_len 1 with 64 units 1.2 vs 0.45
-    (regression) and 2.5 vs 1.9 (classification); 48 members at seq_len 8, 50 vs 12-15; one member at seq_len
-    8 with 64 units 0.9-1.4 vs 0.5-0.6. Its compile costs 0.7 s (seq_len 1) to about 3 s (seq_len 12) more than
-    tracing a plain graph, which a single small trial does not earn back (one member at seq_len 1 saves 0.1 s
-    over 20 epochs), so lone small members stay plain graphs.
+    `runs` is how many trials of this layout the graph will train: a population's members, or in a
+    `--no-population` sweep the lone runs of the layout in the batch. XLA fuses the many small per-step ops into a
+    few kernels. Measured here, one lone trial of 20 epochs (plain graph vs XLA, 1 thread): at seq_len 1 it runs
+    0.21-0.27 s vs 0.03-0.08 s and XLA's compile costs at most 0.2 s more than tracing, so seq_len 1 always
+    compiles; at seq_len 8 and 12 it saves 0.34-0.57 s a trial but its compile costs 1.2-3.6 s more, repaid after
+    4 to 9 trials, so XLA waits for XLA_MIN_RUNS of them (a notebook's single `train` stays quick to start).
     """
     forced = os.environ.get("LSTM_SWEEP_XLA", "")
     if forced in ("0", "1"):
         return forced == "1"
-    return members * layout.seq_len * max_units >= XLA_MIN_WORK
+    return layout.seq_len == 1 or runs >= XLA_MIN_RUNS
 
 
 def _one_hot_columns(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -65,7 +65,9 @@ def _one_hot_columns(labels: np.ndarray, classes: int) -> np.ndarray:
 class Population:
     """Members sharing one data layout, trained as one graph; reusable across trials via `load`."""
 
-    def __init__(self, data: SequenceData, layout: TrialConfig, members: int, max_units: int) -> None:
+    def __init__(
+        self, data: SequenceData, layout: TrialConfig, members: int, max_units: int, xla: bool = False
+    ) -> None:
         self.data = data
         self.members = members
         self.regression = layout.output_framing == "regression"
@@ -117,11 +119,13 @@ class Population:
         self.train_y = tf.Variable(data.train.y, trainable=False)
         self.train_labels = tf.Variable(data.train.labels, trainable=False)
         self.val_x = tf.Variable(data.val.x, trainable=False)
-        self.xla = uses_xla(layout, members, max_units)
+        self.xla = xla
         self._train_epoch = tf.function(self._train_epoch_graph, jit_compile=self.xla)
 
     @staticmethod
-    def shape_key(data: SequenceData, layout: TrialConfig, members: int, max_units: int) -> tuple[object, ...]:
+    def shape_key(
+        data: SequenceData, layout: TrialConfig, members: int, max_units: int, xla: bool
+    ) -> tuple[object, ...]:
         """Populations with equal keys have identical graphs and can take each other's data (`use_data`)."""
         return (
             data.train.x.shape,
@@ -133,7 +137,7 @@ class Population:
             layout.num_layers,
             members,
             max_units,
-            uses_xla(layout, members, max_units),
+            xla,
         )
 
     def use_data(self, data: SequenceData) -> None:

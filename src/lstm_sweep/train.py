@@ -178,18 +178,19 @@ def _hidden_spread(hidden: np.ndarray, units: int) -> float:
 _POPULATIONS: dict[tuple[Any, ...], Population] = {}
 
 
-def _population_for(configs: Sequence[TrialConfig]) -> Population:
-    from lstm_sweep.population import Population
+def _population_for(configs: Sequence[TrialConfig], layout_runs: int) -> Population:
+    from lstm_sweep.population import Population, uses_xla
 
     layout = configs[0]
     max_units = max(c.state_size for c in configs)
     data = build_data(layout)
-    key = Population.shape_key(data, layout, len(configs), max_units)
+    xla = uses_xla(layout, max(layout_runs, len(configs)))
+    key = Population.shape_key(data, layout, len(configs), max_units, xla)
     pop = _POPULATIONS.get(key)
     if pop is None:
         if len(_POPULATIONS) > 32:
             _POPULATIONS.clear()
-        pop = Population(data, layout, len(configs), max_units)
+        pop = Population(data, layout, len(configs), max_units, xla)
         _POPULATIONS[key] = pop
     pop.use_data(data)
     return pop
@@ -199,8 +200,13 @@ def train_population(
     configs: Sequence[TrialConfig],
     callbacks: Sequence[TrainerCallback] = (),
     thresholds: Thresholds | None = None,
+    layout_runs: int = 1,
 ) -> list[TrialResult]:
-    """Train configurations that share one data layout together; one result per configuration, in order."""
+    """Train configurations that share one data layout together; one result per configuration, in order.
+
+    layout_runs: how many runs of this layout the caller is about to train, these included (a sweep's batch);
+    with many, the graph is compiled by XLA, which costs more up front and less per run (`uses_xla`).
+    """
     if not configs:
         return []
     thresholds = thresholds or Thresholds()
@@ -210,7 +216,7 @@ def train_population(
             diff = [n for n, a, b in zip(LAYOUT_FIELDS, key, layout_key(c), strict=True) if a != b]
             raise ConfigError("population", diff, "members that share " + ", ".join(LAYOUT_FIELDS))
     started = time.perf_counter()
-    pop = _population_for(configs)
+    pop = _population_for(configs, layout_runs)
     pop.load(configs)
     data = pop.data
     reference = Reference.of(data, pop.regression)
@@ -280,6 +286,8 @@ def train(
     config: TrialConfig,
     callbacks: Sequence[TrainerCallback] = (),
     thresholds: Thresholds | None = None,
+    layout_runs: int = 1,
 ) -> TrialResult:
-    """Train one configuration; the plain entry point for notebooks and tests."""
-    return train_population([config], callbacks, thresholds)[0]
+    """Train one configuration; the plain entry point for notebooks and tests (`layout_runs` as for
+    `train_population`)."""
+    return train_population([config], callbacks, thresholds, layout_runs)[0]
