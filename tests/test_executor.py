@@ -9,6 +9,7 @@ from lstm_sweep.driver import Proposal, jobs_for
 from lstm_sweep.executor import Job, JobFailed, run_job
 from lstm_sweep.metrics import Thresholds
 from lstm_sweep.population import XLA_MIN_RUNS, uses_xla
+from lstm_sweep.train import _population_for
 
 TINY = TrialConfig(stream_length=240, epochs=2)
 
@@ -27,15 +28,24 @@ def test_a_job_that_raises_comes_back_as_its_error() -> None:
     assert "seq_len" in failed.message and "Traceback" in failed.traceback
 
 
-def test_every_job_knows_how_many_runs_of_its_layout_the_batch_holds() -> None:
-    """Lone runs of one layout share a graph, so their count (not 1) decides whether XLA's compile pays."""
+def test_every_job_carries_the_runs_the_sweep_plans() -> None:
+    """Lone runs of one layout share a graph, so the sweep's plan (not 1, and not the batch, which varies with
+    resumes and workers) decides whether XLA's compile pays."""
     configs = [[TINY.replace(seed=s, learning_rate=lr)] for lr in (0.01, 0.1) for s in (0, 1, 2)]
     group = [Proposal(None, {}, str(i), c) for i, c in enumerate(configs)]  # type: ignore[arg-type]
-    together = jobs_for(group, population=True)
-    assert [(len(j.configs), j.layout_runs) for j in together] == [(6, 6)]
-    alone = jobs_for(group, population=False)
-    assert [(len(j.configs), j.layout_runs) for j in alone] == [(1, 6)] * 6
+    together = jobs_for(group, population=True, sweep_runs=576)
+    assert [(len(j.configs), j.layout_runs) for j in together] == [(6, 576)]
+    alone = jobs_for(group, population=False, sweep_runs=576)
+    assert [(len(j.configs), j.layout_runs) for j in alone] == [(1, 576)] * 6
     assert [j.configs[0] for j in alone] == together[0].configs
+
+
+def test_a_job_passes_its_run_count_to_the_xla_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LSTM_SWEEP_XLA", "")
+    config = TINY.replace(seq_len=2)
+    for runs, xla in ((1, False), (XLA_MIN_RUNS, True)):
+        assert not isinstance(run_job(Job([config], runs), Thresholds()), JobFailed)
+        assert _population_for([config], runs).xla is xla
 
 
 @pytest.mark.parametrize(

@@ -55,14 +55,16 @@ def test_forward_matches_a_numpy_cell(steps: int, from_state: bool) -> None:
 @pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("from_state", [False, True])
 @pytest.mark.parametrize("uses_final_cell", [False, True])
-def test_written_out_backward_matches_autodiff(steps: int, from_state: bool, uses_final_cell: bool) -> None:
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_written_out_backward_matches_autodiff(steps: int, from_state: bool, uses_final_cell: bool, mode: str) -> None:
     """The gradients reaching the input projections and the recurrent kernel, for a loss on every hidden state
-    and (uses_final_cell) on the final cell state too, as a stacked layer or a carried state would use them."""
+    and (uses_final_cell) on the final cell state too, as a stacked layer or a carried state would use them; run
+    eagerly, as a graph and compiled by XLA (the written-out pass against eager automatic differentiation)."""
     z_in, w_rec, state, fb = inputs(steps, seed=steps)
     weights = tf.constant(np.random.default_rng(7).normal(size=(MEMBERS, LANES, steps, UNITS)).astype(np.float32))
     ones = tf.ones((MEMBERS, 1, UNITS))
 
-    def gradients(trained: bool) -> list[np.ndarray]:
+    def gradients(trained: bool) -> list[tf.Tensor]:
         with tf.GradientTape() as tape:
             tape.watch([z_in, w_rec])
             if trained:
@@ -72,10 +74,14 @@ def test_written_out_backward_matches_autodiff(steps: int, from_state: bool, use
             loss = tf.reduce_sum(hidden * weights)
             if uses_final_cell:
                 loss += tf.reduce_sum(tf.sin(c))
-        found = tape.gradient(loss, [z_in, w_rec], unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return [g.numpy() for g in found]
+        return tape.gradient(loss, [z_in, w_rec], unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    written, automatic = gradients(trained=True), gradients(trained=False)
+    def written_out() -> list[tf.Tensor]:
+        return gradients(trained=True)
+
+    run = written_out if mode == "eager" else tf.function(written_out, jit_compile=mode == "xla")
+    written = [g.numpy() for g in run()]
+    automatic = [g.numpy() for g in gradients(trained=False)]
     assert np.abs(automatic[0]).max() > 0.1
     if steps > 1 or from_state:
         assert np.abs(automatic[1]).max() > 0.1  # the recurrent kernel really gets a gradient here

@@ -63,7 +63,7 @@ def same_history(a: TrialResult, b: TrialResult) -> bool:
 @pytest.fixture(scope="module")
 def pop4() -> Population:
     """A two-member population of the TINY4 layout, driven directly (reloaded by each test)."""
-    return Population(build_data(TINY4), TINY4, 2, TINY4.state_size)
+    return Population(build_data(TINY4), TINY4, 2, TINY4.state_size, xla=False)
 
 
 def snapshot(pop: Population) -> dict[str, np.ndarray]:
@@ -143,7 +143,7 @@ def test_grad_clip_bounds_the_update() -> None:
     clipped, free = one_step.replace(grad_clip=clip), one_step.replace(grad_clip=0.0)
     data = build_data(one_step)
     assert data.train.x.shape[0] == 1
-    pop = Population(data, one_step, 2, one_step.state_size)
+    pop = Population(data, one_step, 2, one_step.state_size, xla=False)
     pop.load([clipped, free])
     before = snapshot(pop)
     pop.train_epoch()
@@ -263,7 +263,7 @@ def test_two_layers_run_and_have_more_parameters() -> None:
     assert all(math.isfinite(r["val_loss"]) for r in result.history)
 
     def real_params(c: TrialConfig) -> int:
-        pop = Population(build_data(c), c, 1, c.state_size)
+        pop = Population(build_data(c), c, 1, c.state_size, xla=False)
         pop.load([c])
         return int(sum(float(m.numpy().sum()) for m in pop.masks.values()))
 
@@ -354,7 +354,7 @@ def test_seq_len_one_leaves_the_recurrent_kernel_idle() -> None:
     """One step from a zero state: the recurrent kernel cannot reach the output, so it is not trained (no update,
     no noise) and no value of it changes the outputs. With a carried state it is trained."""
     cfg = TINY.replace(grad_noise=0.5)
-    pop = Population(build_data(cfg), cfg, 1, cfg.state_size)
+    pop = Population(build_data(cfg), cfg, 1, cfg.state_size, xla=False)
     pop.load([cfg])
     assert pop.idle_names == ["l0_recurrent_kernel"]
     before = snapshot(pop)
@@ -366,7 +366,7 @@ def test_seq_len_one_leaves_the_recurrent_kernel_idle() -> None:
     pop.idle.assign(np.random.default_rng(0).normal(size=pop.idle.shape).astype(np.float32))
     np.testing.assert_array_equal(pop.evaluate()["outputs"].numpy(), outputs)
     stateful = cfg.replace(stateful=True)
-    assert Population(build_data(stateful), stateful, 1, cfg.state_size).idle_names == []
+    assert Population(build_data(stateful), stateful, 1, cfg.state_size, xla=False).idle_names == []
 
 
 def test_equal_shapes_share_one_graph_without_mixing_data() -> None:

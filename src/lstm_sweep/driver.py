@@ -364,13 +364,17 @@ def group_by_layout(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
     return list(groups.values())
 
 
-def jobs_for(group: Sequence[Proposal], population: bool) -> list[Job]:
-    """One job with every replicate of every trial in the group (population mode), or one job per run; either way
-    each job knows how many runs of its layout the group holds (lone runs of one layout reuse one graph)."""
+def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int) -> list[Job]:
+    """One job with every replicate of every trial in the group (population mode), or one job per run.
+
+    Each job carries the runs the whole sweep file plans (`sweep_runs`) as its layout's run count, which decides
+    XLA (`population.uses_xla`): the count is the same in every batch, resumed or not, on any worker, so whether a
+    trial's graph is compiled by XLA (which rounds differently) never depends on how the batches fell.
+    """
     configs = [c for p in group for c in p.configs]
     if population:
-        return [Job(configs, len(configs))]
-    return [Job([c], len(configs)) for c in configs]
+        return [Job(configs, sweep_runs)]
+    return [Job([c], sweep_runs) for c in configs]
 
 
 def split_results(group: Sequence[Proposal], outcomes: Sequence[Outcome]) -> list[list[TrialResult]] | JobFailed:
@@ -607,7 +611,7 @@ def run_sweep(
                     carry = groups.pop()
                 # Longest first: with several workers the batch then ends close to when its total work does.
                 groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
-                job_groups = [jobs_for(group, population) for group in groups]
+                job_groups = [jobs_for(group, population, spec.n_runs()) for group in groups]
                 outcomes = executor.run([job for jobs in job_groups for job in jobs], spec.thresholds)
                 for group, jobs in zip(groups, job_groups, strict=True):
                     results = split_results(group, [next(outcomes) for _ in jobs])

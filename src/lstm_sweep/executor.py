@@ -22,7 +22,7 @@ from lstm_sweep.train import TrialResult, train_population
 @dataclass(frozen=True)
 class Job:
     """Configurations that train as one population (or one lone configuration), and how many runs of their layout
-    the batch holds in all: with the population size that decides whether the graph is compiled by XLA."""
+    the caller will train with the same graph (a sweep passes its planned runs): that decides XLA."""
 
     configs: list[TrialConfig]
     layout_runs: int = 1

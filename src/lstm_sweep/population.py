@@ -35,19 +35,21 @@ from lstm_sweep.tasks import SequenceData
 
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 ANNEAL_GAMMA = 0.55
-XLA_MIN_RUNS = 4  # runs of one layout (members, or lone runs in a batch) from which XLA repays its compile
+XLA_MIN_RUNS = 4  # runs of one layout (members, or a sweep's planned runs) from which XLA repays its compile
 HYPER_KEYS = ("learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "forget_bias")
 
 
 def uses_xla(layout: TrialConfig, runs: int) -> bool:
     """Whether a layout's epoch is compiled with XLA: `LSTM_SWEEP_XLA` = 1 or 0 forces it.
 
-    `runs` is how many trials of this layout the graph will train: a population's members, or in a
-    `--no-population` sweep the lone runs of the layout in the batch. XLA fuses the many small per-step ops into a
-    few kernels. Measured here, one lone trial of 20 epochs (plain graph vs XLA, 1 thread): at seq_len 1 it runs
-    0.29-0.34 s vs 0.03-0.04 s and XLA's first call costs at most 0.15 s more than tracing, so seq_len 1 always
-    compiles; at seq_len 8 and 12 XLA saves 0.43-0.63 s a trial but its compile costs 1.0-1.9 s more, repaid after
-    2 to 5 trials, so XLA waits for XLA_MIN_RUNS of them (a notebook's single `train` stays quick to start).
+    `runs` is how many trials of this layout the graph will train: a population's members, or in a sweep the
+    runs its file plans (the same in every batch, so the choice does not depend on how batches fall).
+
+    XLA fuses the many small per-step ops into a few kernels. Measured here, one lone trial of 20 epochs (plain
+    graph vs XLA, 1 thread): at seq_len 1 it runs 0.29-0.34 s vs 0.03-0.04 s and XLA's first call costs at most
+    0.15 s more than tracing, so seq_len 1 always compiles; at seq_len 8 and 12 XLA saves 0.43-0.63 s a trial but
+    its compile costs 1.0-1.9 s more, repaid after 2 to 5 trials, so XLA waits for XLA_MIN_RUNS of them (a
+    notebook's single `train` stays quick to start).
     """
     forced = os.environ.get("LSTM_SWEEP_XLA", "")
     if forced in ("0", "1"):
@@ -65,9 +67,7 @@ def _one_hot_columns(labels: np.ndarray, classes: int) -> np.ndarray:
 class Population:
     """Members sharing one data layout, trained as one graph; reusable across trials via `load`."""
 
-    def __init__(
-        self, data: SequenceData, layout: TrialConfig, members: int, max_units: int, xla: bool = False
-    ) -> None:
+    def __init__(self, data: SequenceData, layout: TrialConfig, members: int, max_units: int, *, xla: bool) -> None:
         self.data = data
         self.members = members
         self.regression = layout.output_framing == "regression"

@@ -190,7 +190,7 @@ def _population_for(configs: Sequence[TrialConfig], layout_runs: int) -> Populat
     if pop is None:
         if len(_POPULATIONS) > 32:
             _POPULATIONS.clear()
-        pop = Population(data, layout, len(configs), max_units, xla)
+        pop = Population(data, layout, len(configs), max_units, xla=xla)
         _POPULATIONS[key] = pop
     pop.use_data(data)
     return pop
@@ -204,7 +204,8 @@ def train_population(
 ) -> list[TrialResult]:
     """Train configurations that share one data layout together; one result per configuration, in order.
 
-    layout_runs: how many runs of this layout the caller is about to train, these included (a sweep's batch);
+    layout_runs: how many runs of this layout the caller will train with one graph, these included (a sweep
+    passes the runs its file plans);
     with many, the graph is compiled by XLA, which costs more up front and less per run (`uses_xla`).
     """
     if not configs:
