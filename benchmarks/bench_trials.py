@@ -195,7 +195,7 @@ def main() -> None:
         r["population_vs_keras_at_peak"] = round(row.keras_s * peak * row.members / row.useful_gflop, 1)
     summary = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
-        "threads": {
+        "threads": {  # 0: TensorFlow's own choice
             "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
         },

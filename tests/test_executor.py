@@ -9,7 +9,7 @@ from lstm_sweep.driver import Proposal, jobs_for
 from lstm_sweep.executor import Job, JobFailed, run_job
 from lstm_sweep.metrics import Thresholds
 from lstm_sweep.population import XLA_MIN_RUNS, uses_xla
-from lstm_sweep.train import _population_for
+from lstm_sweep.train import _population_for, train
 
 TINY = TrialConfig(stream_length=240, epochs=2)
 
@@ -36,8 +36,19 @@ def test_every_job_carries_the_runs_the_sweep_plans() -> None:
     together = jobs_for(group, population=True, sweep_runs=576)
     assert [(len(j.configs), j.layout_runs) for j in together] == [(6, 576)]
     alone = jobs_for(group, population=False, sweep_runs=576)
-    assert [(len(j.configs), j.layout_runs) for j in alone] == [(1, 576)] * 6
-    assert [j.configs[0] for j in alone] == together[0].configs
+    assert [(len(j.configs), j.layout_runs, j.together) for j in alone] == [(6, 576, False)]
+    assert alone[0].configs == together[0].configs
+    halves = jobs_for(group, population=False, sweep_runs=576, pieces=2)
+    assert [len(j.configs) for j in halves] == [3, 3]
+    assert [c for j in halves for c in j.configs] == together[0].configs
+    assert len(jobs_for(group, population=False, sweep_runs=576, pieces=20)) == 6
+
+
+def test_lone_runs_of_a_job_equal_training_each_alone() -> None:
+    configs = [TINY.replace(learning_rate=0.05), TINY.replace(seed=3)]
+    lone = run_job(Job(configs, together=False), Thresholds())
+    assert not isinstance(lone, JobFailed)
+    assert [r.history for r in lone] == [train(c).history for c in configs]
 
 
 def test_a_job_passes_its_run_count_to_the_xla_choice(monkeypatch: pytest.MonkeyPatch) -> None:

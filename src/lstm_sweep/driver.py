@@ -364,17 +364,21 @@ def group_by_layout(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
     return list(groups.values())
 
 
-def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int) -> list[Job]:
-    """One job with every replicate of every trial in the group (population mode), or one job per run.
+def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int, pieces: int = 1) -> list[Job]:
+    """One job with every replicate of every trial in the group: a population, or (population off) lone runs
+    trained one after another, split into `pieces` jobs to keep that many workers busy.
 
-    Each job carries the runs the whole sweep file plans (`sweep_runs`) as its layout's run count, which decides
-    XLA (`population.uses_xla`): the count is the same in every batch, resumed or not, on any worker, so whether a
+    Lone runs of a layout stay together because each worker compiles every layout it trains: spread run by run over
+    two workers, both compiled every layout, and at seq_len 8 that took all the second worker's gain. Each job
+    carries the runs the whole sweep file plans (`sweep_runs`) as its layout's run count, which decides XLA
+    (`population.uses_xla`): the count is the same in every batch, resumed or not, on any worker, so whether a
     trial's graph is compiled by XLA (which rounds differently) never depends on how the batches fell.
     """
     configs = [c for p in group for c in p.configs]
     if population:
         return [Job(configs, sweep_runs)]
-    return [Job([c], sweep_runs) for c in configs]
+    size = -(-len(configs) // max(1, min(pieces, len(configs))))
+    return [Job(configs[i : i + size], sweep_runs, together=False) for i in range(0, len(configs), size)]
 
 
 def split_results(group: Sequence[Proposal], outcomes: Sequence[Outcome]) -> list[list[TrialResult]] | JobFailed:
@@ -611,7 +615,8 @@ def run_sweep(
                     carry = groups.pop()
                 # Longest first: with several workers the batch then ends close to when its total work does.
                 groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
-                job_groups = [jobs_for(group, population, spec.n_runs()) for group in groups]
+                pieces = -(-workers // len(groups))  # enough lone-run jobs for every worker
+                job_groups = [jobs_for(group, population, spec.n_runs(), pieces) for group in groups]
                 outcomes = executor.run([job for jobs in job_groups for job in jobs], spec.thresholds)
                 for group, jobs in zip(groups, job_groups, strict=True):
                     results = split_results(group, [next(outcomes) for _ in jobs])

@@ -26,6 +26,7 @@ class Job:
 
     configs: list[TrialConfig]
     layout_runs: int = 1
+    together: bool = True  # one population; else each configuration alone, one after another on one graph
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,11 @@ def run_job(job: Job, thresholds: Thresholds, render_curves: bool = False) -> Ou
     """Train one job; with render_curves, also draw each result's curves.png here (in a worker process that is
     parallel work taken off the single writer thread, which otherwise trails the workers at the end)."""
     try:
-        results = train_population(job.configs, thresholds=thresholds, layout_runs=job.layout_runs)
+        if job.together:
+            results = train_population(job.configs, thresholds=thresholds, layout_runs=job.layout_runs)
+        else:
+            runs = job.layout_runs
+            results = [train_population([c], thresholds=thresholds, layout_runs=runs)[0] for c in job.configs]
         if render_curves:
             from lstm_sweep.curves import curve_png
 
