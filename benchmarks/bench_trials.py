@@ -8,7 +8,7 @@ and writes them to results/benchmarks/.
 Every timing is a whole trial as a sweep pays for it: Keras builds and compiles a new model per trial (its
 trace included); lstm-sweep reuses its compiled graph for a layout it has seen (the first call, which traces or
 compiles it, is reported separately as `single_trace_s` / `population_trace_s`, and the one-at-a-time ratio is
-also given with that first call spread over the `--members` runs of the layout a sweep batch would train).
+also given with that first call spread over the `--members` runs of the layout a sweep would train in one worker).
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ def main() -> None:
                 steps = data.train.x.shape[0] * args.epochs
                 row = Row(f"{framing}/{encoding} seq_len={seq_len} units={units}", steps)
                 row.keras_s = timed(lambda c=config: keras_trial(c), args.repeats)
-                # One trial at a time as a `--no-population` sweep trains them: `members` runs of this layout in
-                # a batch, so one compiled graph (XLA from XLA_MIN_RUNS runs on) serves them all.
+                # One trial at a time as a `--no-population` sweep trains them: a worker gets `members` lone runs of
+                # this layout together, so one compiled graph (XLA from XLA_MIN_RUNS planned runs on) serves them all.
                 row.single_trace_s = _once(lambda c=config: train(c, layout_runs=args.members))
                 row.single_s = timed(lambda c=config: train(c, layout_runs=args.members), args.repeats)
                 members = [

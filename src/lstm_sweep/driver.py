@@ -377,7 +377,7 @@ def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int, piece
     configs = [c for p in group for c in p.configs]
     if population:
         return [Job(configs, sweep_runs)]
-    size = -(-len(configs) // max(1, min(pieces, len(configs))))
+    size = -(-len(configs) // min(max(pieces, 1), len(configs)))  # ceiling division
     return [Job(configs[i : i + size], sweep_runs, together=False) for i in range(0, len(configs), size)]
 
 

@@ -1,7 +1,7 @@
 """Where training jobs run: in this process, or in worker processes that each import TensorFlow once.
 
-A job is a list of configurations that share a data layout (a population, or a single configuration); it comes
-back as their results or as the error it raised. The parent process keeps the Optuna and MLflow stores, so with
+A job is a list of configurations that share a data layout, trained as one population or one after another; it
+comes back as their results or as the error it raised. The parent process keeps the Optuna and MLflow stores, so with
 SQLite there is one writer however many workers train.
 """
 

@@ -137,8 +137,11 @@ def cell(z: tf.Tensor, c_prev: tf.Tensor | None, fb: tf.Tensor) -> tuple[tf.Tens
     zi, zj, zf, zo = tf.split(z, GATES, axis=-1)
     si, tj, so = tf.sigmoid(zi), tf.tanh(zj), tf.sigmoid(zo)
     written = si * tj
-    sf = None if c_prev is None else tf.sigmoid(zf + fb)
-    c = written if c_prev is None or sf is None else c_prev * sf + written
+    if c_prev is None:
+        sf, c = None, written
+    else:
+        sf = tf.sigmoid(zf + fb)
+        c = c_prev * sf + written
     tc = tf.tanh(c)
     return tc * so, c, (si, tj, sf, so, tc)
 
@@ -209,8 +212,7 @@ def trained_recurrence(
                     tf.TensorArray(z_in.dtype, size=steps),
                 ),
             )
-            d_z = list(tf.unstack(d_zs.stack()))
-            d_z_in = tf.stack(d_z, axis=2)
+            d_z_in = tf.transpose(d_zs.stack(), [1, 2, 0, 3])  # (members, lanes, time, gates x units)
             previous = hs[:-1] if h0 is None else [h0, *hs[:-1]]
             if not previous:  # one step from the zero state: the recurrent kernel never acts
                 return d_z_in, tf.zeros_like(w_rec)

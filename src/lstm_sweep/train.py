@@ -205,8 +205,8 @@ def train_population(
     """Train configurations that share one data layout together; one result per configuration, in order.
 
     layout_runs: how many runs of this layout the caller will train with one graph, these included (a sweep
-    passes the runs its file plans);
-    with many, the graph is compiled by XLA, which costs more up front and less per run (`uses_xla`).
+    passes the runs its file plans); with many, the graph is compiled by XLA, which costs more up front and less
+    per run (`population.uses_xla`).
     """
     if not configs:
         return []
