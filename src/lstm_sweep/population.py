@@ -36,6 +36,7 @@ from lstm_sweep.tasks import SequenceData
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 ANNEAL_GAMMA = 0.55
 XLA_MIN_RUNS = 4  # runs of one layout (members, or a sweep's planned runs) from which XLA repays its compile
+Window = tuple[tf.Tensor, tf.Tensor, tf.Tensor]  # a training window's inputs, targets and labels
 HYPER_KEYS = ("learning_rate", "momentum", "adam", "grad_noise", "annealed", "grad_clip", "forget_bias")
 
 
@@ -120,7 +121,8 @@ class Population:
         self.train_labels = tf.Variable(data.train.labels, trainable=False)
         self.val_x = tf.Variable(data.val.x, trainable=False)
         self.xla = xla
-        self._train_epoch = tf.function(self._train_epoch_graph, jit_compile=self.xla)
+        self._train_epoch = tf.function(self._train_epoch_graph, jit_compile=self.xla, autograph=False)
+        self.evaluate = tf.function(self._evaluate_graph, autograph=False)
 
     @staticmethod
     def shape_key(
@@ -318,20 +320,19 @@ class Population:
         train_x, train_y, labels = (tf.convert_to_tensor(v) for v in (self.train_x, self.train_y, self.train_labels))
         h = self.hyper
         uses = self._in_use()
-        loss_sum = tf.zeros((p,))
-        group_sums = tf.zeros((p, len(WEIGHT_GROUPS)))
-        ratio_sum = tf.zeros((p,))
         state: list[LayerState] = zero_state(self.arch, p, lanes)  # carried only when stateful
         idle = tf.convert_to_tensor(self.idle)  # never trained: read once per epoch
+
         # The window's inputs and targets come in as loop-carried values, read one iteration ahead: a window
         # sliced inside the step lets XLA fuse the slice into the time steps' kernels and recompute it there
         # (measured, 64 members at seq_len 12 with 16 units: 34 ms a step with inputs and targets sliced in the
-        # step, 25 ms with the inputs only, 10 ms carried).
-        x_next, y_next, labels_next = train_x[0], train_y[0], labels[0]
-        for s in tf.range(steps):
-            x, y, window_labels = x_next, y_next, labels_next
+        # step, 25 ms with the inputs only, 10 ms carried). The loop is written out, not left to autograph:
+        # autograph's conversion of every function the step calls was most of a trace.
+        def step(
+            s: tf.Tensor, window: Window, sums: tuple[tf.Tensor, tf.Tensor, tf.Tensor], state: list[LayerState]
+        ) -> tuple[tf.Tensor, Window, tuple[tf.Tensor, tf.Tensor, tf.Tensor], list[LayerState]]:
+            x, y, window_labels = window
             ahead = tf.minimum(s + 1, steps - 1)
-            x_next, y_next, labels_next = train_x[ahead], train_y[ahead], labels[ahead]
             theta = tf.convert_to_tensor(self.theta)
             with tf.GradientTape() as tape:
                 tape.watch(theta)
@@ -348,9 +349,19 @@ class Population:
             if self.stateful:
                 state = [(tf.stop_gradient(a), tf.stop_gradient(b)) for a, b in carried]
             finite, group_sq, grad_sq, noise_sq = self._apply(tape.gradient(total, theta), loss, uses)
-            loss_sum += tf.where(finite, loss, 0.0)
-            group_sums += tf.where(finite[:, None], tf.sqrt(group_sq), 0.0)
-            ratio_sum += tf.where(finite, tf.sqrt(noise_sq) / tf.maximum(tf.sqrt(grad_sq), 1e-12), 0.0)
+            loss_sum, group_sums, ratio_sum = sums
+            sums = (
+                loss_sum + tf.where(finite, loss, 0.0),
+                group_sums + tf.where(finite[:, None], tf.sqrt(group_sq), 0.0),
+                ratio_sum + tf.where(finite, tf.sqrt(noise_sq) / tf.maximum(tf.sqrt(grad_sq), 1e-12), 0.0),
+            )
+            return s + 1, (train_x[ahead], train_y[ahead], labels[ahead]), sums, state
+
+        first = (train_x[0], train_y[0], labels[0])
+        sums = (tf.zeros((p,)), tf.zeros((p, len(WEIGHT_GROUPS))), tf.zeros((p,)))
+        _, _, (loss_sum, group_sums, ratio_sum), _ = tf.while_loop(
+            lambda s, *_: s < steps, step, (tf.constant(0), first, sums, state)
+        )
         n = float(steps)
         return {"train_loss": loss_sum / n, "grad_norms": group_sums / n, "noise_to_grad": ratio_sum / n}
 
@@ -378,19 +389,21 @@ class Population:
         noise = self._noise(live, self.step)
         return g + noise, tf.reduce_sum(tf.square(noise), axis=1)
 
-    @tf.function
-    def evaluate(self) -> dict[str, tf.Tensor]:
+    def _evaluate_graph(self) -> dict[str, tf.Tensor]:
         """Run the validation windows; returns outputs, top hidden states and the gate-saturation fraction."""
         p = self.members
         steps, lanes = self.val_x.shape[0], self.val_x.shape[1]
         val_x = tf.convert_to_tensor(self.val_x)
         params = self.views(tf.convert_to_tensor(self.theta))
         state: list[LayerState] = zero_state(self.arch, p, lanes)  # carried only when stateful
-        outs = tf.TensorArray(tf.float32, size=steps)
-        hidden = tf.TensorArray(tf.float32, size=steps)
-        saturated = tf.zeros((p,))
-        real = tf.zeros((p,))
-        for s in tf.range(steps):
+
+        def step(
+            s: tf.Tensor,
+            outs: tf.TensorArray,
+            hidden: tf.TensorArray,
+            counts: tuple[tf.Tensor, tf.Tensor],
+            state: list[LayerState],
+        ) -> tuple[tf.Tensor, tf.TensorArray, tf.TensorArray, tuple[tf.Tensor, tf.Tensor], list[LayerState]]:
             out, carried, top, sat, count = forward(
                 self.arch,
                 params,
@@ -401,8 +414,15 @@ class Population:
             )
             if self.stateful:
                 state = carried
-            outs = outs.write(s, out)
-            hidden = hidden.write(s, top)
-            saturated += sat
-            real += count
+            saturated, real = counts
+            return s + 1, outs.write(s, out), hidden.write(s, top), (saturated + sat, real + count), state
+
+        loop_vars = (
+            tf.constant(0),
+            tf.TensorArray(tf.float32, size=steps),
+            tf.TensorArray(tf.float32, size=steps),
+            (tf.zeros((p,)), tf.zeros((p,))),
+            state,
+        )
+        _, outs, hidden, (saturated, real), _ = tf.while_loop(lambda s, *_: s < steps, step, loop_vars)
         return {"outputs": outs.stack(), "hidden": hidden.stack(), "saturation": saturated / tf.maximum(real, 1.0)}

@@ -1,0 +1,122 @@
+"""`--workers 2` against one worker, population mode off: the same sweep run twice through the `lstm-sweep` command,
+side by side in one run, start-up included. Prints wall seconds, runs/s and the ratio, and writes them to
+results/benchmarks/workers.json.
+
+    .venv/bin/python benchmarks/bench_workers.py [--seq-lens 1,8] [--workers 2] [--state-size 16] [--replicates 3]
+
+The sweep: 72 configurations of the seed task (learning rate x momentum x gradient noise x framing x encoding) at
+one seq_len and state size, each with `--replicates` runs, no MLflow tracking (tracking has its own figure), in a
+fresh SQLite study per run. Each configuration is timed as a new process: a user's whole command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FACTORS = {
+    "learning_rate": [0.001, 0.01, 0.1],
+    "momentum": [0.0, 0.9],
+    "grad_noise": [0.0, 0.01],
+    "output_framing": ["regression", "classification"],
+    "input_encoding": ["raw", "scaled", "onehot"],
+}
+
+
+def sweep_file(folder: Path, seq_len: int, state_size: int, replicates: int) -> Path:
+    n_configs = 1
+    for values in FACTORS.values():
+        n_configs *= len(values)
+    spec = {
+        "name": f"bench-workers-s{seq_len}-u{state_size}",
+        "sampler": "grid",
+        "seed": 0,
+        "replicates": replicates,
+        "fixed": {
+            "task": "cycle",
+            "epochs": 20,
+            "batch_size": 16,
+            "optimizer": "momentum",
+            "target_scale": "raw",
+            "num_layers": 1,
+            "seq_len": seq_len,
+            "state_size": state_size,
+        },
+        "factors": {name: {"values": values} for name, values in FACTORS.items()},
+    }
+    path = folder / f"workers_s{seq_len}_u{state_size}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert n_configs == 72
+    return path
+
+
+def timed_sweep(path: Path, workers: int, folder: Path) -> float:
+    """Wall seconds of one `lstm-sweep run` in a new process and a new study."""
+    storage = f"sqlite:///{folder / f'{path.stem}_w{workers}.db'}"
+    command = [
+        str(Path(sys.executable).with_name("lstm-sweep")),
+        "run",
+        str(path),
+        "--workers",
+        str(workers),
+        "--no-population",
+        "--no-tracking",
+        "--quiet",
+        "--storage",
+        storage,
+    ]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-lens", default="1,8", help="comma-separated")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--state-size", type=int, default=16)
+    parser.add_argument("--replicates", type=int, default=3)
+    parser.add_argument("--out", default="results/benchmarks")
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="lstm-sweep-bench-") as tmp:
+        folder = Path(tmp)
+        for seq_len in (int(s) for s in args.seq_lens.split(",")):
+            path = sweep_file(folder, seq_len, args.state_size, args.replicates)
+            runs = 72 * args.replicates
+            one = timed_sweep(path, 1, folder)
+            many = timed_sweep(path, args.workers, folder)
+            row = {
+                "config": f"s{seq_len} u{args.state_size}",
+                "runs": runs,
+                "one_worker_s": round(one, 1),
+                f"workers_{args.workers}_s": round(many, 1),
+                "one_worker_runs_per_s": round(runs / one, 2),
+                f"workers_{args.workers}_runs_per_s": round(runs / many, 2),
+                "speedup": round(one / many, 2),
+            }
+            rows.append(row)
+            print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "workers": args.workers,
+        "rows": rows,
+    }
+    (out / "workers.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'workers.json'}")
+
+
+if __name__ == "__main__":
+    main()
