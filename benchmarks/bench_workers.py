@@ -1,8 +1,9 @@
 """`--workers 2` against one worker, population mode off: the same sweep run twice through the `lstm-sweep` command,
 side by side in one run, start-up included. Prints wall seconds, runs/s and the ratio, and writes them to
-results/benchmarks/workers.json.
+results/benchmarks/workers_{cold,warm}.json.
 
     .venv/bin/python benchmarks/bench_workers.py [--seq-lens 1,8] [--workers 2] [--state-size 16] [--replicates 3]
+        [--xla-cache cold|warm]
 
 The sweep: 72 configurations of the seed task (learning rate x momentum x gradient noise x framing x encoding) at
 one seq_len and state size, each with `--replicates` runs, no MLflow tracking (tracking has its own figure), in a
@@ -60,9 +61,14 @@ def sweep_file(folder: Path, seq_len: int, state_size: int, replicates: int) -> 
     return path
 
 
-def timed_sweep(path: Path, workers: int, folder: Path) -> float:
-    """Wall seconds of one `lstm-sweep run` in a new process and a new study."""
-    storage = f"sqlite:///{folder / f'{path.stem}_w{workers}.db'}"
+def cache_folder(folder: Path, seq_len: int, tag: str, mode: str) -> Path:
+    """A fresh folder per timed run when cold; one shared folder per sweep when warm."""
+    return folder / f"xla-s{seq_len}-{tag}" if mode == "cold" else folder / f"xla-s{seq_len}"
+
+
+def timed_sweep(path: Path, workers: int, folder: Path, xla_cache: Path, tag: str) -> float:
+    """Wall seconds of one `lstm-sweep run` in a new process and a new study, with this XLA cache folder."""
+    storage = f"sqlite:///{folder / f'{path.stem}_{tag}.db'}"
     command = [
         str(Path(sys.executable).with_name("lstm-sweep")),
         "run",
@@ -76,7 +82,8 @@ def timed_sweep(path: Path, workers: int, folder: Path) -> float:
         storage,
     ]
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    env = os.environ | {"LSTM_SWEEP_XLA_CACHE": str(xla_cache)}
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - started
 
 
@@ -86,6 +93,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--state-size", type=int, default=16)
     parser.add_argument("--replicates", type=int, default=3)
+    parser.add_argument(
+        "--xla-cache",
+        choices=("cold", "warm"),
+        default="cold",
+        help="cold: every timed run starts with an empty XLA cache (a new machine); warm: a first, untimed run of "
+        "the sweep fills one cache that both timed runs load from (a sweep run before)",
+    )
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -94,8 +108,17 @@ def main() -> None:
         for seq_len in (int(s) for s in args.seq_lens.split(",")):
             path = sweep_file(folder, seq_len, args.state_size, args.replicates)
             runs = 72 * args.replicates
-            one = timed_sweep(path, 1, folder)
-            many = timed_sweep(path, args.workers, folder)
+
+            if args.xla_cache == "warm":
+                timed_sweep(path, 1, folder, cache_folder(folder, seq_len, "warm-up", args.xla_cache), "warm-up")
+            one = timed_sweep(path, 1, folder, cache_folder(folder, seq_len, "w1", args.xla_cache), "w1")
+            many = timed_sweep(
+                path,
+                args.workers,
+                folder,
+                cache_folder(folder, seq_len, f"w{args.workers}", args.xla_cache),
+                f"w{args.workers}",
+            )
             row = {
                 "config": f"s{seq_len} u{args.state_size}",
                 "runs": runs,
@@ -112,10 +135,11 @@ def main() -> None:
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "workers": args.workers,
+        "xla_cache": args.xla_cache,
         "rows": rows,
     }
-    (out / "workers.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'workers.json'}")
+    (out / f"workers_{args.xla_cache}.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / f'workers_{args.xla_cache}.json'}")
 
 
 if __name__ == "__main__":

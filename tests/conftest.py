@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -12,6 +15,12 @@ import pytest
 from optuna.trial import TrialState
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
+
+# Compiled XLA executables go to a folder of this test session (inherited by every command a test runs), not the
+# user's cache: every test run starts cold, as CI does, and leaves nothing behind.
+_XLA_CACHE = tempfile.mkdtemp(prefix="lstm-sweep-test-xla-")
+os.environ["LSTM_SWEEP_XLA_CACHE"] = _XLA_CACHE
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
 
 TINY_SWEEP = """
 name: {name}

@@ -193,3 +193,59 @@ def test_held_trials_beat_so_another_worker_can_tell_a_dead_one(tmp_path, monkey
     heartbeat.hold([trial])  # one beat, then this worker "dies" (its beating thread was never started)
     time.sleep(2.5)
     assert fail_stale(study) == [trial.number]
+
+
+class _RecordingExecutor:
+    """Trains in this process like `InProcess`, noting when each batch is handed over and when it is read."""
+
+    def __init__(self, events: list[str]) -> None:
+        from lstm_sweep.executor import InProcess
+
+        self.inner = InProcess()
+        self.events = events
+        self.batches = 0
+
+    def run(self, jobs, thresholds):
+        self.batches += 1
+        number = self.batches
+        self.events.append(f"queued {number}")
+
+        def outcomes():
+            self.events.append(f"read {number}")
+            yield from self.inner.run(jobs, thresholds)
+
+        return outcomes()
+
+    def close(self) -> None:
+        pass
+
+
+def test_with_workers_the_next_batch_is_queued_while_one_trains(tmp_path, monkeypatch):
+    """With worker processes the driver proposes and queues batch n+1 before it reads batch n; the batches, and so
+    the trials and their values, are the same as without (each cell trained exactly once)."""
+    from lstm_sweep import driver
+    from lstm_sweep.spec import load_sweep
+
+    values = {}
+    for workers in (1, 2):
+        events: list[str] = []
+        monkeypatch.setattr(
+            driver, "make_executor", lambda workers, render_curves=False, e=events: _RecordingExecutor(e)
+        )
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        spec = load_sweep(write_sweep(folder, "ahead", epochs=1, momenta="[0.0, 0.9]"))
+        storage, _ = stores(folder)
+        outcome = driver.run_sweep(spec, storage_url=storage, batch_trials=3, workers=workers)
+        assert outcome.trained == 8 and outcome.failed == 0
+        assert events.count("queued 3") == 1
+        if workers == 1:
+            assert events.index("read 1") < events.index("queued 2")
+        else:
+            assert events.index("queued 2") < events.index("read 1")
+        study = optuna.load_study(study_name="ahead", storage=storage)
+        assert len(study.trials) == 8
+        complete = study.get_trials(states=(TrialState.COMPLETE,))
+        values[workers] = {tuple(sorted(t.params.items())): (t.number, t.value) for t in complete}
+        assert len(values[workers]) == 8
+    assert values[1] == values[2]

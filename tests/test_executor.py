@@ -76,3 +76,23 @@ def test_xla_is_chosen_by_seq_len_and_runs_of_the_layout(
 ) -> None:
     monkeypatch.setenv("LSTM_SWEEP_XLA", forced)
     assert uses_xla(TINY.replace(seq_len=seq_len), runs) is expected
+
+
+def test_a_training_process_imports_tensorflow_without_keras() -> None:
+    """Workers and the in-process trainer skip Keras (seconds of every process's start) and still train."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lstm_sweep.executor import prepare_tensorflow\n"
+        "prepare_tensorflow(inter_op=1)\n"
+        "import tensorflow as tf\n"
+        "from lstm_sweep.config import TrialConfig\n"
+        "from lstm_sweep.train import train\n"
+        "r = train(TrialConfig(task='cycle', epochs=1, stream_length=240, batch_size=8, state_size=4))\n"
+        "loaded = [m for m in ('keras', 'tf_keras', 'sklearn') if sys.modules.get(m) is not None]\n"
+        "print(loaded, r.final['val_loss'] > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[] True"

@@ -103,10 +103,10 @@ def seed(as_json: bool, **options: Any) -> None:
     from lstm_sweep.config import SEED_CONFIG
 
     config = SEED_CONFIG.replace(**_overrides(options))
-    from lstm_sweep.executor import configure_threads
+    from lstm_sweep.executor import prepare_tensorflow
     from lstm_sweep.train import train
 
-    configure_threads(inter_op=2)
+    prepare_tensorflow(inter_op=2)
     result = train(config)
     summary = result.summary()
     if as_json:

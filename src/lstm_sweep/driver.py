@@ -11,6 +11,7 @@ or FAIL without an error (interrupted) is retried by enqueueing its parameters a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -501,6 +502,15 @@ class _Writer:
 
 
 @dataclass
+class Batch:
+    """Proposed trials grouped into populations, their jobs, and the executor's outcomes as they come."""
+
+    groups: list[list[Proposal]]
+    job_groups: list[list[Job]]
+    outcomes: Iterator[Outcome]
+
+
+@dataclass
 class SweepOutcome:
     """What a `run` call did, for the command's closing line."""
 
@@ -556,6 +566,7 @@ def run_sweep(
     # trial after each one would make a sweep quadratic in its size.
     progress = {"done": 0}
     writing = {"trials": 0}  # trained, handed to the writer, not yet told: neither done nor to be proposed again
+    queued = {"trials": 0}  # handed to the executor, not yet collected (the batch training and the one behind it)
     heartbeat = _Heartbeat(study)
 
     def finish(
@@ -579,7 +590,7 @@ def run_sweep(
     def remaining_trials() -> int:
         with counter_lock:
             progress["done"] = done_count()
-            return total - progress["done"] - writing["trials"]
+            return total - progress["done"] - writing["trials"] - queued["trials"]
 
     def record_job(group: list[Proposal], results: list[list[TrialResult]]) -> Callable[[], None]:
         def job() -> None:
@@ -593,42 +604,69 @@ def run_sweep(
     executor = make_executor(workers, render_curves=any(getattr(sink, "draws_curves", False) for sink in sinks))
     in_flight: list[Proposal] = []  # every trial this run asked for; on Ctrl-C the untold ones are failed
     carry: list[Proposal] = []
+    # With worker processes, the next batch is proposed and queued while this one trains: the workers go straight
+    # from one batch to the next instead of waiting for the main process to propose. Not for TPE, whose next
+    # proposal learns from the last result; the batches themselves are the same either way (`remaining_trials`
+    # counts queued trials as taken), so the same trials train with the same numbers.
+    ahead = 2 if workers > 1 and spec.sampler != "tpe" else 1
+
+    def plan_batch() -> Batch | None:
+        """Propose the next batch, group it, hand its jobs to the executor; None when nothing is left."""
+        nonlocal carry
+        with study_lock():
+            stale = fail_stale(study)
+        if stale:
+            outcome.recovery.failed_stale.extend(stale)
+            _close_orphans(sinks, stale)
+        remaining = remaining_trials()
+        if remaining <= 0:
+            return None
+        wanted = max(0, min(batch, remaining) - len(carry))
+        fresh = propose(study, spec, wanted)
+        in_flight.extend(fresh)
+        if not carry + fresh:
+            return None
+        heartbeat.hold([p.trial for p in fresh])
+        groups = group_by_layout(carry + fresh)
+        carry = []
+        if len(groups) > 1 and wanted > 0 and len(fresh) == wanted:
+            # The queue may hold more cells of the last layout: train that population whole, next batch.
+            carry = groups.pop()
+        # Longest first: with several workers the batch then ends close to when its total work does.
+        groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
+        pieces = -(-workers // len(groups))  # enough lone-run jobs for every worker
+        job_groups = [jobs_for(group, population, spec.n_runs(), pieces) for group in groups]
+        with counter_lock:
+            queued["trials"] += sum(len(group) for group in groups)
+        return Batch(groups, job_groups, executor.run([job for jobs in job_groups for job in jobs], spec.thresholds))
+
+    def collect(planned: Batch) -> None:
+        """Wait for a batch's outcomes and hand each group to the writer (or fail it with its error)."""
+        for group, jobs in zip(planned.groups, planned.job_groups, strict=True):
+            results = split_results(group, [next(planned.outcomes) for _ in jobs])
+            if isinstance(results, JobFailed):
+                with counter_lock:
+                    queued["trials"] -= len(group)
+                for proposal in group:
+                    proposal.trial.set_user_attr("error", mask_url(results.message)[:2000])
+                    proposal.trial.set_user_attr("traceback", mask_url(results.traceback)[-4000:])
+                    finish(proposal, TrialState.FAIL, None, [])
+                continue
+            with counter_lock:
+                queued["trials"] -= len(group)
+                writing["trials"] += len(group)
+            writer.submit(record_job(group, results))
+
+    pending: collections.deque[Batch] = collections.deque()
     try:
         with heartbeat:
             # No waiting for the writer between batches: the workers train the next batch while it records.
-            while (remaining := remaining_trials()) > 0:
-                with study_lock():
-                    stale = fail_stale(study)
-                if stale:
-                    outcome.recovery.failed_stale.extend(stale)
-                    _close_orphans(sinks, stale)
-                wanted = max(0, min(batch, remaining) - len(carry))
-                fresh = propose(study, spec, wanted)
-                in_flight += fresh
-                if not carry + fresh:
+            while True:
+                while len(pending) < ahead and (planned := plan_batch()) is not None:
+                    pending.append(planned)
+                if not pending:
                     break
-                heartbeat.hold([p.trial for p in fresh])
-                groups = group_by_layout(carry + fresh)
-                carry = []
-                if len(groups) > 1 and wanted > 0 and len(fresh) == wanted:
-                    # The queue may hold more cells of the last layout: train that population whole, next batch.
-                    carry = groups.pop()
-                # Longest first: with several workers the batch then ends close to when its total work does.
-                groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
-                pieces = -(-workers // len(groups))  # enough lone-run jobs for every worker
-                job_groups = [jobs_for(group, population, spec.n_runs(), pieces) for group in groups]
-                outcomes = executor.run([job for jobs in job_groups for job in jobs], spec.thresholds)
-                for group, jobs in zip(groups, job_groups, strict=True):
-                    results = split_results(group, [next(outcomes) for _ in jobs])
-                    if isinstance(results, JobFailed):
-                        for proposal in group:
-                            proposal.trial.set_user_attr("error", mask_url(results.message)[:2000])
-                            proposal.trial.set_user_attr("traceback", mask_url(results.traceback)[-4000:])
-                            finish(proposal, TrialState.FAIL, None, [])
-                        continue
-                    with counter_lock:
-                        writing["trials"] += len(group)
-                    writer.submit(record_job(group, results))
+                collect(pending.popleft())
             writer.drain()
     except KeyboardInterrupt:
         outcome.interrupted = True
