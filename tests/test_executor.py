@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lstm_sweep.config import TrialConfig
-from lstm_sweep.driver import Proposal, jobs_for
+from lstm_sweep.driver import Proposal, group_lone_runs, jobs_for
 from lstm_sweep.executor import Job, JobFailed, run_job
 from lstm_sweep.metrics import Thresholds
 from lstm_sweep.population import XLA_MIN_RUNS, uses_xla
@@ -42,6 +42,30 @@ def test_every_job_carries_the_runs_the_sweep_plans() -> None:
     assert [len(j.configs) for j in halves] == [3, 3]
     assert [c for j in halves for c in j.configs] == together[0].configs
     assert len(jobs_for(group, population=False, sweep_runs=576, pieces=20)) == 6
+
+
+@pytest.mark.parametrize(
+    ("changes", "same_graph"),
+    [
+        ({"input_encoding": "scaled"}, True),  # raw and scaled inputs: one number per step either way
+        ({"target_scale": "scaled"}, True),
+        ({"learning_rate": 0.5, "momentum": 0.0, "grad_noise": 0.01, "seed": 4}, True),
+        ({"input_encoding": "onehot"}, False),
+        ({"output_framing": "classification"}, False),
+        ({"state_size": 32}, False),
+        ({"seq_len": 3}, False),
+        ({"batch_size": 8}, False),
+        ({"num_layers": 2}, False),
+    ],
+)
+def test_lone_runs_group_by_the_graph_they_train_on(changes: dict[str, object], same_graph: bool) -> None:
+    """Population off, a job may hold runs of several layouts: those sharing a compiled graph go to one worker."""
+    base = TINY.replace(input_encoding="raw", output_framing="regression")
+    group = [Proposal(None, {}, str(i), [c]) for i, c in enumerate([base, base.replace(**changes)])]  # type: ignore[arg-type]
+    grouped = group_lone_runs(group)
+    assert [len(g) for g in grouped] == ([2] if same_graph else [1, 1])
+    first, second = (_population_for(p.configs, layout_runs=576) for p in group)
+    assert (first is second) == same_graph  # the trainer does reuse one graph for them
 
 
 def test_lone_runs_of_a_job_equal_training_each_alone() -> None:

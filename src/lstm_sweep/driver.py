@@ -36,7 +36,7 @@ from lstm_sweep.executor import Job, JobFailed, Outcome, make_executor
 from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store
 from lstm_sweep.metrics import floor_skill
 from lstm_sweep.spec import SweepSpec, mask_url
-from lstm_sweep.train import TrialResult, layout_key
+from lstm_sweep.train import TrialResult, layout_key, lone_graph_key
 
 HEARTBEAT_SECONDS = 30  # override with LSTM_SWEEP_HEARTBEAT_SECONDS
 GRACE_SECONDS = 120  # override with LSTM_SWEEP_GRACE_SECONDS
@@ -365,12 +365,22 @@ def group_by_layout(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
     return list(groups.values())
 
 
+def group_lone_runs(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
+    """Population off: trials whose runs train on the same compiled graph go together, whatever their layout, so
+    one worker compiles each graph once (a lone run's graph depends on its shapes, not on its data)."""
+    groups: dict[tuple[Any, ...], list[Proposal]] = {}
+    for p in proposals:
+        groups.setdefault(lone_graph_key(p.configs[0]), []).append(p)
+    return list(groups.values())
+
+
 def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int, pieces: int = 1) -> list[Job]:
     """One job with every replicate of every trial in the group: a population, or (population off) lone runs
     trained one after another, split into `pieces` jobs to keep that many workers busy.
 
-    Lone runs of a layout stay together because each worker compiles every layout it trains: spread run by run over
-    two workers, both compiled every layout, and at seq_len 8 that took all the second worker's gain. Each job
+    Lone runs of one graph (`group_lone_runs`) stay together because each worker compiles every graph it trains:
+    spread run by run over two workers, both compiled everything, and at seq_len 8 that took all the second
+    worker's gain. Each job
     carries the runs the whole sweep file plans (`sweep_runs`) as its layout's run count, which decides XLA
     (`population.uses_xla`): the count is the same in every batch, resumed or not, on any worker, so whether a
     trial's graph is compiled by XLA (which rounds differently) never depends on how the batches fell.
@@ -627,9 +637,9 @@ def run_sweep(
         if not carry + fresh:
             return None
         heartbeat.hold([p.trial for p in fresh])
-        groups = group_by_layout(carry + fresh)
+        groups = group_by_layout(carry + fresh) if population else group_lone_runs(fresh)
         carry = []
-        if len(groups) > 1 and wanted > 0 and len(fresh) == wanted:
+        if population and len(groups) > 1 and wanted > 0 and len(fresh) == wanted:
             # The queue may hold more cells of the last layout: train that population whole, next batch.
             carry = groups.pop()
         # Longest first: with several workers the batch then ends close to when its total work does.

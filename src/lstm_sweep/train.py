@@ -64,6 +64,22 @@ def layout_key(config: TrialConfig) -> tuple[Any, ...]:
     return tuple(getattr(config, name) for name in LAYOUT_FIELDS)
 
 
+def lone_graph_key(config: TrialConfig) -> tuple[Any, ...]:
+    """What decides the compiled graph a run trains on alone: runs with equal keys reuse one graph (raw and scaled
+    inputs share their shapes, say), so a worker that trains them all compiles it once."""
+    data = build_data(config)
+    return (
+        data.train.x.shape,
+        data.train.y.shape,
+        data.val.x.shape,
+        data.num_classes,
+        config.output_framing,
+        config.stateful,
+        config.num_layers,
+        config.state_size,
+    )
+
+
 class TrainerCallback:
     """Hooks called by the trainer; subclass and override what you need (all no-ops by default)."""
 
