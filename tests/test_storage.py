@@ -69,3 +69,15 @@ def test_sqlite_urls_with_query_parameters_are_read(tmp_path, capsys):
     assert _report("queried", url, tmp_path) == 0, capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match=r"missing\.db$"):
         analysis.load_runs("queried", storage=f"sqlite:///{tmp_path / 'missing.db'}?timeout=30")
+
+
+def test_sqlite_storage_logs_ahead_and_syncs_at_checkpoints(tmp_path):
+    """Optuna commits each parameter on its own; WAL with synchronous=NORMAL keeps those commits from syncing."""
+    import sqlite3
+
+    from lstm_sweep.driver import make_storage
+
+    storage = make_storage(f"sqlite:///{tmp_path}/optuna.db")
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    assert sqlite3.connect(tmp_path / "optuna.db").execute("PRAGMA journal_mode").fetchone() == ("wal",)
