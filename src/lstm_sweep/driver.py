@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.executor import Job, JobFailed, Outcome, make_executor
-from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store
+from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store, sqlite_write_ahead
 from lstm_sweep.metrics import floor_skill
 from lstm_sweep.spec import SweepSpec, mask_url
 from lstm_sweep.train import TrialResult, layout_key, lone_graph_key
@@ -94,6 +94,7 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
+        sqlite_write_ahead()
     storage = optuna.storages.RDBStorage(
         engine_url(url),
         engine_kwargs=engine_kwargs,
@@ -101,29 +102,7 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
         grace_period=grace_seconds(),
         heartbeat_stale_trial_callback=_retry_stale,
     )
-    if url.startswith("sqlite"):
-        _write_ahead(storage.engine)
     return storage
-
-
-def _write_ahead(engine: Any) -> None:
-    """SQLite in write-ahead-log mode, synced at checkpoints rather than at every commit.
-
-    Optuna commits every suggested parameter and attribute on its own: with a sync per commit (SQLite's default
-    rollback journal) proposing one grid batch of 128 trials took about 5 s here, with the workers idle before
-    the first batch. A log entry not yet synced can only be lost to a power cut, which loses the trial it belongs
-    to as RUNNING: the next run retries it, as after any crash. Several processes on one host still share the file.
-    """
-    from sqlalchemy import event
-
-    def pragmas(connection: Any, _record: Any) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    event.listen(engine, "connect", pragmas)
-    engine.dispose()  # connections opened while Optuna set the storage up reconnect with the pragmas
 
 
 def _retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:

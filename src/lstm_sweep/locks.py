@@ -47,6 +47,35 @@ def ensure_local_store(url: str) -> None:
         db.parent.mkdir(parents=True, exist_ok=True)
 
 
+_WRITE_AHEAD: list[bool] = []
+
+
+def sqlite_write_ahead() -> None:
+    """Every SQLite database this process opens through SQLAlchemy (the Optuna and MLflow stores) runs in
+    write-ahead-log mode, synced at checkpoints rather than at every commit.
+
+    Optuna commits every suggested parameter and attribute on its own, MLflow every run's create, batch and end:
+    with a sync per commit (SQLite's default rollback journal) proposing one grid batch of 128 trials took 4.4 s
+    here, 1.9 s without. A commit not yet synced can only be lost to a power cut, which leaves its trial RUNNING
+    for the next run to retry, as after any crash. Processes on one host still share the file. Installed once per
+    process, by the commands that open the stores.
+    """
+    if _WRITE_AHEAD:
+        return
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        if isinstance(connection, sqlite3.Connection):
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+
+    event.listen(Engine, "connect", pragmas)
+    _WRITE_AHEAD.append(True)
+
+
 class StudyLock:
     """Serializes a critical section across every process working on one study (see the module docstring)."""
 
