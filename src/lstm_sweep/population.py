@@ -32,6 +32,7 @@ from lstm_sweep.model import (
 )
 from lstm_sweep.noise import gaussian, symmetric, weight_ids
 from lstm_sweep.tasks import SequenceData
+from lstm_sweep.train import graph_shape
 
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 ANNEAL_GAMMA = 0.55
@@ -129,18 +130,7 @@ class Population:
         data: SequenceData, layout: TrialConfig, members: int, max_units: int, xla: bool
     ) -> tuple[object, ...]:
         """Populations with equal keys have identical graphs and can take each other's data (`use_data`)."""
-        return (
-            data.train.x.shape,
-            data.train.y.shape,
-            data.val.x.shape,
-            data.num_classes,
-            layout.output_framing,
-            layout.stateful,
-            layout.num_layers,
-            members,
-            max_units,
-            xla,
-        )
+        return (*graph_shape(data, layout), members, max_units, xla)
 
     def use_data(self, data: SequenceData) -> None:
         """Train on other data of the same shapes (see `shape_key`)."""

@@ -64,20 +64,23 @@ def layout_key(config: TrialConfig) -> tuple[Any, ...]:
     return tuple(getattr(config, name) for name in LAYOUT_FIELDS)
 
 
-def lone_graph_key(config: TrialConfig) -> tuple[Any, ...]:
-    """What decides the compiled graph a run trains on alone: runs with equal keys reuse one graph (raw and scaled
-    inputs share their shapes, say), so a worker that trains them all compiles it once."""
-    data = build_data(config)
+def graph_shape(data: SequenceData, layout: TrialConfig) -> tuple[Any, ...]:
+    """What of a layout shapes its compiled graph: layouts that agree share one (raw and scaled inputs, say)."""
     return (
         data.train.x.shape,
         data.train.y.shape,
         data.val.x.shape,
         data.num_classes,
-        config.output_framing,
-        config.stateful,
-        config.num_layers,
-        config.state_size,
+        layout.output_framing,
+        layout.stateful,
+        layout.num_layers,
     )
+
+
+def lone_graph_key(config: TrialConfig) -> tuple[Any, ...]:
+    """The compiled graph a run trains on alone: runs with equal keys reuse one, so a worker that trains them all
+    compiles it once (`Population.shape_key` for one member)."""
+    return (*graph_shape(build_data(config), config), config.state_size)
 
 
 class TrainerCallback:
