@@ -39,7 +39,9 @@ def test_enabling_adds_the_flag_in_a_folder_per_tensorflow_and_cpu(
     monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=0")
     folder = xla_cache.enable_xla_cache()
     assert folder == tmp_path / xla_cache.machine_tag() and folder.is_dir()
-    assert xla_cache.machine_tag().startswith("tf")
+    import tensorflow as tf
+
+    assert xla_cache.machine_tag().startswith(f"tf{tf.__version__}-")
     assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=0 {xla_cache.FLAG}={folder}"
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 CACHE_ENV = "LSTM_SWEEP_XLA_CACHE"
 FLAG = "--tf_xla_persistent_cache_directory"
+# Names TensorFlow is installed under (read without importing it: the import takes seconds)
+TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "tf-nightly")
 
 
 def cache_root() -> Path | None:
@@ -34,10 +36,13 @@ def cache_root() -> Path | None:
 
 def machine_tag() -> str:
     """TensorFlow's version and a digest of what the CPU can execute: executables are only valid for both."""
-    try:
-        tf_version = metadata.version("tensorflow")
-    except metadata.PackageNotFoundError:
-        tf_version = "unknown"
+    tf_version = "unknown"
+    for distribution in TF_DISTRIBUTIONS:
+        try:
+            tf_version = metadata.version(distribution)
+            break
+        except metadata.PackageNotFoundError:
+            continue
     cpu = platform.machine() + platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
