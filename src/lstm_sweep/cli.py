@@ -212,7 +212,6 @@ def _run_sweep_command(
     spec = load_sweep(sweep_file)
     from lstm_sweep.driver import planned_trials, run_sweep
     from lstm_sweep.progress import SweepProgress
-    from lstm_sweep.tracking import SweepTracker
 
     storage_url = storage or spec.storage
     uri = tracking_uri or spec.tracking_uri
@@ -220,6 +219,7 @@ def _run_sweep_command(
     tracker = None
     if not no_tracking:
         from lstm_sweep.locks import StudyLock, engine_url
+        from lstm_sweep.tracking import SweepTracker  # imports MLflow: seconds, only when tracking
 
         # Workers starting together would race to create the MLflow schema, experiment and parent run.
         setup_lock = StudyLock(storage_url, spec.name)

@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lstm_sweep.config import TrialConfig
-from lstm_sweep.executor import Job, JobFailed, Outcome, make_executor
+from lstm_sweep.executor import Executor, Job, JobFailed, Outcome, make_executor
 from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store, sqlite_write_ahead
 from lstm_sweep.metrics import floor_skill
 from lstm_sweep.spec import SweepSpec, mask_url
@@ -558,6 +558,36 @@ def run_sweep(
     results are recorded by a background writer while the next group trains. `workers` > 1 trains in that many
     processes (the stores stay in this one); `population=False` trains every run on its own.
     """
+    # First: worker processes import TensorFlow (seconds) while this one opens the study and proposes.
+    executor = make_executor(workers, render_curves=any(getattr(sink, "draws_curves", False) for sink in sinks))
+    try:
+        return _run_sweep(
+            spec,
+            executor,
+            storage_url=storage_url,
+            trials=trials,
+            sinks=sinks,
+            on_trial=on_trial,
+            batch_trials=batch_trials,
+            workers=workers,
+            population=population,
+        )
+    finally:
+        executor.close()
+
+
+def _run_sweep(
+    spec: SweepSpec,
+    executor: Executor,
+    *,
+    storage_url: str,
+    trials: int | None,
+    sinks: Sequence[TrialSink],
+    on_trial: ProgressHook | None,
+    batch_trials: int | None,
+    workers: int,
+    population: bool,
+) -> SweepOutcome:
     study_lock = StudyLock(storage_url, spec.name)
     with study_lock():  # several workers may start at once: each sees the others' enqueued cells
         study = open_study(spec, storage_url)
@@ -613,7 +643,6 @@ def run_sweep(
         return job
 
     writer = _Writer()
-    executor = make_executor(workers, render_curves=any(getattr(sink, "draws_curves", False) for sink in sinks))
     in_flight: list[Proposal] = []  # every trial this run asked for; on Ctrl-C the untold ones are failed
     carry: list[Proposal] = []
     # With worker processes, the next batch is proposed and queued while this one trains: the workers go straight
@@ -690,6 +719,5 @@ def run_sweep(
                     study.tell(proposal.trial, state=TrialState.FAIL)  # no error attr: retried next run
     finally:
         writer.close()
-        executor.close()
         study_lock.close()
     return outcome
