@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -34,10 +35,10 @@ FACTORS = {
 }
 
 
+CONFIGS = math.prod(len(values) for values in FACTORS.values())
+
+
 def sweep_file(folder: Path, seq_len: int, state_size: int, replicates: int) -> Path:
-    n_configs = 1
-    for values in FACTORS.values():
-        n_configs *= len(values)
     spec = {
         "name": f"bench-workers-s{seq_len}-u{state_size}",
         "sampler": "grid",
@@ -57,7 +58,6 @@ def sweep_file(folder: Path, seq_len: int, state_size: int, replicates: int) -> 
     }
     path = folder / f"workers_s{seq_len}_u{state_size}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    assert n_configs == 72
     return path
 
 
@@ -107,7 +107,7 @@ def main() -> None:
         folder = Path(tmp)
         for seq_len in (int(s) for s in args.seq_lens.split(",")):
             path = sweep_file(folder, seq_len, args.state_size, args.replicates)
-            runs = 72 * args.replicates
+            runs = CONFIGS * args.replicates
 
             if args.xla_cache == "warm":
                 timed_sweep(path, 1, folder, cache_folder(folder, seq_len, "warm-up", args.xla_cache), "warm-up")

@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.executor import Executor, Job, JobFailed, Outcome, make_executor
-from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store, sqlite_write_ahead
+from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store
 from lstm_sweep.metrics import floor_skill
 from lstm_sweep.spec import SweepSpec, mask_url
 from lstm_sweep.train import TrialResult, layout_key, lone_graph_key
@@ -94,15 +94,13 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
-        sqlite_write_ahead()
-    storage = optuna.storages.RDBStorage(
+    return optuna.storages.RDBStorage(
         engine_url(url),
         engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat_seconds(),
         grace_period=grace_seconds(),
         heartbeat_stale_trial_callback=_retry_stale,
     )
-    return storage
 
 
 def _retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -382,10 +380,10 @@ def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int, piece
 
     Lone runs of one graph (`group_lone_runs`) stay together because each worker compiles every graph it trains:
     spread run by run over two workers, both compiled everything, and at seq_len 8 that took all the second
-    worker's gain. Each job
-    carries the runs the whole sweep file plans (`sweep_runs`) as its layout's run count, which decides XLA
-    (`population.uses_xla`): the count is the same in every batch, resumed or not, on any worker, so whether a
-    trial's graph is compiled by XLA (which rounds differently) never depends on how the batches fell.
+    worker's gain. Each job carries the runs the whole sweep file plans (`sweep_runs`) as its layout's run count,
+    which decides XLA (`population.uses_xla`): the count is the same in every batch, resumed or not, on any
+    worker, so whether a trial's graph is compiled by XLA (which rounds differently) never depends on how the
+    batches fell.
     """
     configs = [c for p in group for c in p.configs]
     if population:

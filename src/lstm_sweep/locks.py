@@ -8,6 +8,7 @@ database file. Anything else (an in-memory store, another engine): no lock, whic
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,15 +42,15 @@ def sqlite_path(storage_url: str) -> Path | None:
 
 
 def ensure_local_store(url: str) -> None:
-    """Create the folder of a `sqlite:///` store (SQLite creates the file, not its folder); others are left alone."""
+    """Prepare a `sqlite:///` store: create its folder (SQLite creates the file, not its folder) and open it in
+    write-ahead-log mode (`sqlite_write_ahead`); others are left alone."""
     db = sqlite_path(url)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+        sqlite_write_ahead()
 
 
-_WRITE_AHEAD: list[bool] = []
-
-
+@functools.cache  # one listener per process
 def sqlite_write_ahead() -> None:
     """Every SQLite database this process opens through SQLAlchemy (the Optuna and MLflow stores) runs in
     write-ahead-log mode, synced at checkpoints rather than at every commit.
@@ -58,10 +59,8 @@ def sqlite_write_ahead() -> None:
     with a sync per commit (SQLite's default rollback journal) proposing one grid batch of 128 trials took 4.4 s
     here, 1.9 s without. A commit not yet synced can only be lost to a power cut, which leaves its trial RUNNING
     for the next run to retry, as after any crash. Processes on one host still share the file. Installed once per
-    process, by the commands that open the stores.
+    process, by `ensure_local_store`.
     """
-    if _WRITE_AHEAD:
-        return
     import sqlite3
 
     from sqlalchemy import event
@@ -73,7 +72,6 @@ def sqlite_write_ahead() -> None:
             connection.execute("PRAGMA synchronous=NORMAL")
 
     event.listen(Engine, "connect", pragmas)
-    _WRITE_AHEAD.append(True)
 
 
 class StudyLock:

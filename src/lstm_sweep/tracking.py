@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from lstm_sweep.curves import curve_png
-from lstm_sweep.locks import ensure_local_store, sqlite_path, sqlite_write_ahead
+from lstm_sweep.locks import ensure_local_store, sqlite_path
 from lstm_sweep.spec import mask_url
 from lstm_sweep.train import RECORD_KEYS, TrialResult
 
@@ -49,8 +49,6 @@ class SweepTracker:
 
     def __init__(self, tracking_uri: str, sweep_name: str) -> None:
         ensure_local_store(tracking_uri)
-        if sqlite_path(tracking_uri) is not None:
-            sqlite_write_ahead()  # MLflow commits each run's create, metrics and end on their own
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.sweep_name = sweep_name
         experiment = self.client.get_experiment_by_name(sweep_name)
