@@ -1,9 +1,9 @@
-"""`--workers 2` against one worker, population mode off: the same sweep run twice through the `lstm-sweep` command,
-side by side in one run, start-up included. Prints wall seconds, runs/s and the ratio, and writes them to
-results/benchmarks/workers_{cold,warm}.json.
+"""`--workers 2` against one worker, population mode off: the same sweep run through the `lstm-sweep` command with
+each, side by side in one run, start-up included. Prints the median wall seconds of `--repeats` runs each (alternating
+which goes first), runs/s and the ratio, and writes them to results/benchmarks/workers_{cold,warm}.json.
 
     .venv/bin/python benchmarks/bench_workers.py [--seq-lens 1,8] [--workers 2] [--state-size 16] [--replicates 3]
-        [--xla-cache cold|warm]
+        [--xla-cache cold|warm] [--repeats 3]
 
 The sweep: 72 configurations of the seed task (learning rate x momentum x gradient noise x framing x encoding) at
 one seq_len and state size, each with `--replicates` runs, no MLflow tracking (tracking has its own figure), in a
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--state-size", type=int, default=16)
     parser.add_argument("--replicates", type=int, default=3)
     parser.add_argument(
+        "--repeats", type=int, default=3, help="timed pairs per seq_len, order alternating; medians are reported"
+    )
+    parser.add_argument(
         "--xla-cache",
         choices=("cold", "warm"),
         default="cold",
@@ -102,6 +106,8 @@ def main() -> None:
     )
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args()
+    if args.repeats < 1 or args.workers < 2:
+        parser.error("--repeats must be at least 1 and --workers at least 2")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lstm-sweep-bench-") as tmp:
         folder = Path(tmp)
@@ -111,14 +117,14 @@ def main() -> None:
 
             if args.xla_cache == "warm":
                 timed_sweep(path, 1, folder, cache_folder(folder, seq_len, "warm-up", args.xla_cache), "warm-up")
-            one = timed_sweep(path, 1, folder, cache_folder(folder, seq_len, "w1", args.xla_cache), "w1")
-            many = timed_sweep(
-                path,
-                args.workers,
-                folder,
-                cache_folder(folder, seq_len, f"w{args.workers}", args.xla_cache),
-                f"w{args.workers}",
-            )
+            seconds: dict[int, list[float]] = {1: [], args.workers: []}
+            for repeat in range(args.repeats):
+                # Alternating which goes first, so that a slow spell of a shared machine hits both sides alike.
+                for workers in (1, args.workers) if repeat % 2 == 0 else (args.workers, 1):
+                    tag = f"w{workers}-r{repeat}"
+                    cache = cache_folder(folder, seq_len, tag, args.xla_cache)
+                    seconds[workers].append(timed_sweep(path, workers, folder, cache, tag))
+            one, many = statistics.median(seconds[1]), statistics.median(seconds[args.workers])
             row = {
                 "config": f"s{seq_len} u{args.state_size}",
                 "runs": runs,
@@ -127,6 +133,9 @@ def main() -> None:
                 "one_worker_runs_per_s": round(runs / one, 2),
                 f"workers_{args.workers}_runs_per_s": round(runs / many, 2),
                 "speedup": round(one / many, 2),
+                "speedups_per_repeat": [
+                    round(a / b, 2) for a, b in zip(seconds[1], seconds[args.workers], strict=True)
+                ],
             }
             rows.append(row)
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)

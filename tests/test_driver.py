@@ -11,12 +11,14 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import tiny_sweep, wait_for_completed
 from lstm_sweep.cli import main
+from lstm_sweep.train import RECORD_KEYS
 
 
 def write_sweep(tmp_path: Path, name: str, epochs: int = 2, momenta: str = "[0.9]") -> Path:
@@ -78,7 +80,16 @@ def test_tiny_sweep_end_to_end_and_second_run_trains_nothing(tmp_path, capsys):
     run_ids = {r["mlflow_run_id"] for t in complete for r in t.user_attrs["replicates"]}
     assert run_ids == {r.info.run_id for r in children}
     artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
-    assert {"sample.txt", "curves.png"} <= artifacts
+    assert {"sample.txt", "curves.png", "history.csv"} <= artifacts
+    # The default charts four keys per epoch; history.csv keeps every key of every epoch, equal to what was charted.
+    first = children[0].info.run_id
+    assert client.get_metric_history(first, "grad_norm_recurrent_kernel") == []
+    assert "final_skill" in children[0].data.metrics
+    history = pd.read_csv(client.download_artifacts(first, "history.csv", str(tmp_path)))
+    assert list(history.columns) == list(RECORD_KEYS) and list(history["epoch"]) == [1, 2]
+    charted = sorted((m.step, m.value) for m in client.get_metric_history(first, "val_loss"))
+    assert [step for step, _ in charted] == list(history["epoch"])
+    assert [value for _, value in charted] == pytest.approx(list(history["val_loss"]))
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"sweep.yaml", "sweep.json"}
 
     # A second run of a finished grid trains nothing and adds no runs.
@@ -100,6 +111,9 @@ def test_bad_sweep_file_writes_nothing(tmp_path, capsys):
 
 def test_changed_sweep_definition_is_refused(tmp_path, capsys):
     sweep = write_sweep(tmp_path, "changing", epochs=1)
+    assert main([*run_args(sweep, tmp_path), "--trials", "1", "--no-tracking"]) == 0
+    # What MLflow charts is not part of the experiment: changing it continues the same study.
+    sweep.write_text(tiny_sweep("changing", 1, "[0.9]") + "epoch_metrics: all\n")
     assert main([*run_args(sweep, tmp_path), "--trials", "1", "--no-tracking"]) == 0
     sweep.write_text(tiny_sweep("changing", 3, "[0.9]"))
     assert main([*run_args(sweep, tmp_path), "--no-tracking"]) == 2

@@ -14,6 +14,7 @@ import pytest
 
 from lstm_sweep.config import FACTORS, TrialConfig
 from lstm_sweep.errors import ConfigError, SweepFileError
+from lstm_sweep.metrics import EPOCH_METRICS
 from lstm_sweep.spec import Domain, SweepSpec, load_sweep, mask_url, parse_sweep
 
 DATA = Path(__file__).parent / "data"
@@ -69,8 +70,15 @@ GOOD: list[tuple[str, Doc, dict[str, Any]]] = [
             "roles": {"learning_rate": "nuisance", "grad_noise": "scientific"},
             "storage": "sqlite:///results/plateau/optuna.db",
             "tracking_uri": "sqlite:///results/mlflow.db",
+            "epoch_metrics": ("train_loss", "val_loss", "skill", "symbol_accuracy"),
             "description": "",
         },
+    ),
+    ("epoch_metrics all", doc(epoch_metrics="all"), {"epoch_metrics": EPOCH_METRICS}),
+    (
+        "epoch_metrics listed, kept in record order",
+        doc(epoch_metrics=["grad_norm_recurrent_kernel", "val_loss"]),
+        {"epoch_metrics": ("val_loss", "grad_norm_recurrent_kernel")},
     ),
     (
         "replicates multiply runs",
@@ -458,6 +466,22 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ("bad text_path", lambda: doc(fixed={"text_path": 3}), "fixed.text_path", "a path"),
     ("storage not a URL", lambda: doc(storage="results/optuna.db"), "storage", "a URL such as sqlite:///"),
     ("description not text", lambda: doc(description=["a"]), "description", "free text"),
+    ("epoch_metrics unknown word", lambda: doc(epoch_metrics="every"), "epoch_metrics", "got 'every', expected 'all'"),
+    ("epoch_metrics empty", lambda: doc(epoch_metrics=[]), "epoch_metrics", "a list of distinct names from"),
+    ("epoch_metrics mapping", lambda: doc(epoch_metrics={"val_loss": 1}), "epoch_metrics", "expected 'all' or"),
+    (
+        "epoch_metrics unknown name",
+        lambda: doc(epoch_metrics=["val_loss", "loss"]),
+        "epoch_metrics[1]",
+        "got 'loss', expected one of train_loss, val_loss",
+    ),
+    ("epoch_metrics fixed record key", lambda: doc(epoch_metrics=["epoch"]), "epoch_metrics[0]", "got 'epoch'"),
+    (
+        "epoch_metrics twice",
+        lambda: doc(epoch_metrics=["skill", "skill"]),
+        "epoch_metrics[1]",
+        "got 'skill', expected each name once",
+    ),
 ]
 
 

@@ -207,6 +207,7 @@ def _run_sweep_command(
     """What `run` and `worker` do: open or join the sweep, train until its budget is done, print a summary."""
     from pathlib import Path
 
+    from lstm_sweep.executor import make_executor
     from lstm_sweep.spec import load_sweep, mask_url
 
     spec = load_sweep(sweep_file)
@@ -217,26 +218,29 @@ def _run_sweep_command(
     uri = tracking_uri or spec.tracking_uri
     sinks = []
     tracker = None
-    if not no_tracking:
-        from lstm_sweep.locks import StudyLock, engine_url
-        from lstm_sweep.tracking import SweepTracker  # imports MLflow: seconds, only when tracking
-
-        # Workers starting together would race to create the MLflow schema, experiment and parent run.
-        setup_lock = StudyLock(storage_url, spec.name)
-        try:
-            with setup_lock():
-                tracker = SweepTracker(engine_url(uri), spec.name)
-                tracker.start_sweep(spec.to_dict(), Path(sweep_file).read_text(encoding="utf-8"))
-        finally:
-            setup_lock.close()
-        sinks.append(tracker)
-    total = planned_trials(spec, trials)
-    click.echo(
-        f"sweep {spec.name}: {total} trials x {spec.replicates} replicates, storage {mask_url(storage_url)}"
-        + ("" if no_tracking else f", tracking {mask_url(uri)}")
-    )
     status = "FINISHED"
+    # Workers start first and import TensorFlow while this process sets up MLflow (seconds each); with tracking,
+    # they also draw each run's curves.png for the tracker.
+    executor = make_executor(workers, render_curves=not no_tracking)
     try:
+        if not no_tracking:
+            from lstm_sweep.locks import StudyLock, engine_url
+            from lstm_sweep.tracking import SweepTracker  # imports MLflow: seconds, only when tracking
+
+            # Workers starting together would race to create the MLflow schema, experiment and parent run.
+            setup_lock = StudyLock(storage_url, spec.name)
+            try:
+                with setup_lock():
+                    tracker = SweepTracker(engine_url(uri), spec.name, spec.epoch_metrics)
+                    tracker.start_sweep(spec.to_dict(), Path(sweep_file).read_text(encoding="utf-8"))
+            finally:
+                setup_lock.close()
+            sinks.append(tracker)
+        total = planned_trials(spec, trials)
+        click.echo(
+            f"sweep {spec.name}: {total} trials x {spec.replicates} replicates, storage {mask_url(storage_url)}"
+            + ("" if no_tracking else f", tracking {mask_url(uri)}")
+        )
         with SweepProgress(total, enabled=not quiet) as progress:
             outcome = run_sweep(
                 spec,
@@ -247,6 +251,7 @@ def _run_sweep_command(
                 workers=workers,
                 population=population,
                 batch_trials=batch_trials,
+                executor=executor,
             )
         if outcome.interrupted:
             status = "KILLED"
@@ -254,6 +259,7 @@ def _run_sweep_command(
         status = "FAILED"
         raise
     finally:
+        executor.close()
         if tracker is not None:
             tracker.end_sweep(status)
     rec = outcome.recovery

@@ -136,7 +136,7 @@ def open_study(spec: SweepSpec, storage_url: str) -> optuna.Study:
 
 def _comparable(d: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a resolved spec that define the experiment (not budget or where it is stored)."""
-    skip = {"trials", "storage", "tracking_uri", "source", "description", "n_configs", "n_runs"}
+    skip = {"trials", "storage", "tracking_uri", "epoch_metrics", "source", "description", "n_configs", "n_runs"}
     return json.loads(json.dumps({k: v for k, v in d.items() if k not in skip}, sort_keys=True, default=str))
 
 
@@ -549,15 +549,18 @@ def run_sweep(
     batch_trials: int | None = None,
     workers: int = 1,
     population: bool = True,
+    executor: Executor | None = None,
 ) -> SweepOutcome:
     """Run (or continue) the sweep until its budget of trials is done.
 
     Trials are proposed in batches, grouped by data layout, and each group trains as one population; a group's
     results are recorded by a background writer while the next group trains. `workers` > 1 trains in that many
-    processes (the stores stay in this one); `population=False` trains every run on its own.
+    processes (the stores stay in this one); `population=False` trains every run on its own. A caller may pass an
+    executor it started earlier (and closes itself), so that workers import TensorFlow while it sets up tracking.
     """
-    # First: worker processes import TensorFlow (seconds) while this one opens the study and proposes.
-    executor = make_executor(workers, render_curves=any(getattr(sink, "draws_curves", False) for sink in sinks))
+    own_executor = executor is None
+    if executor is None:  # first: worker processes import TensorFlow while this one opens the study and proposes
+        executor = make_executor(workers, render_curves=any(getattr(s, "draws_curves", False) for s in sinks))
     try:
         return _run_sweep(
             spec,
@@ -571,7 +574,8 @@ def run_sweep(
             population=population,
         )
     finally:
-        executor.close()
+        if own_executor:
+            executor.close()
 
 
 def _run_sweep(

@@ -39,7 +39,7 @@ import yaml
 
 from lstm_sweep.config import FACTORS, SETTINGS, Factor, TrialConfig
 from lstm_sweep.errors import ConfigError, SweepFileError
-from lstm_sweep.metrics import Thresholds
+from lstm_sweep.metrics import DEFAULT_EPOCH_METRICS, EPOCH_METRICS, Thresholds
 
 __all__ = [
     "MAX_GRID_CELLS",
@@ -75,6 +75,7 @@ TOP_KEYS = (
     "thresholds",
     "storage",
     "tracking_uri",
+    "epoch_metrics",
 )
 DEFINITION_KEYS = ("role", "values", "low", "high", "log", "step", "value")
 FIXED_KEYS = (*FACTORS, *(name for name in SETTINGS if name != "seed"), "text_path")
@@ -254,6 +255,7 @@ class SweepSpec:
     thresholds: Thresholds
     storage: str
     tracking_uri: str
+    epoch_metrics: tuple[str, ...] = DEFAULT_EPOCH_METRICS  # charted per epoch in MLflow (every run keeps all)
     cells: int | None = None  # grid size (momentum collapsed for adam) when the space is enumerable
 
     # --- roles and values
@@ -374,6 +376,7 @@ class SweepSpec:
             "thresholds": self.thresholds.as_dict(),
             "storage": mask_url(self.storage),
             "tracking_uri": mask_url(self.tracking_uri),
+            "epoch_metrics": list(self.epoch_metrics),
         }
 
 
@@ -576,6 +579,7 @@ def parse_sweep(data: object, source: str) -> SweepSpec:
     thresholds = _parse_thresholds(data.get("thresholds"), problems)
     storage = _parse_url(data, "storage", default_storage(name or "sweep"), problems)
     tracking_uri = _parse_url(data, "tracking_uri", DEFAULT_TRACKING_URI, problems)
+    epoch_metrics = _parse_epoch_metrics(data.get("epoch_metrics"), problems)
 
     if problems.lines:
         raise SweepFileError(problems.lines, source=source)
@@ -597,6 +601,7 @@ def parse_sweep(data: object, source: str) -> SweepSpec:
         thresholds=thresholds,
         storage=storage,
         tracking_uri=tracking_uri,
+        epoch_metrics=epoch_metrics,
         cells=cells,
     )
 
@@ -898,6 +903,25 @@ def _threshold_problem(key: str, value: Any) -> str | None:
         if err.key == f"thresholds.{key}" and not err.allowed.startswith("less than"):
             return err.allowed
     return None
+
+
+def _parse_epoch_metrics(value: object, problems: _Problems) -> tuple[str, ...]:
+    """`all`, or a list of distinct per-epoch record keys, in record order; the default when absent."""
+    if value is None:
+        return DEFAULT_EPOCH_METRICS
+    if value == "all":
+        return EPOCH_METRICS
+    expected = "'all' or a list of distinct names from " + ", ".join(EPOCH_METRICS)
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        problems.bad("epoch_metrics", value, expected)
+        return DEFAULT_EPOCH_METRICS
+    names = list(value)
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in EPOCH_METRICS:
+            problems.bad(f"epoch_metrics[{i}]", name, "one of " + ", ".join(EPOCH_METRICS))
+        elif name in names[:i]:
+            problems.bad(f"epoch_metrics[{i}]", name, "each name once")
+    return tuple(name for name in EPOCH_METRICS if name in names)
 
 
 def _parse_url(data: Mapping[Any, Any], key: str, default: str, problems: _Problems) -> str:

@@ -1,12 +1,15 @@
 """MLflow layout: one experiment per sweep, one parent run per sweep, one child run per trial replicate.
 
-Child runs are written in one go after the replicate has trained (metrics in batches, tags, two small artifacts),
+Child runs are written in one go after the replicate has trained (metrics in batches, tags, three small artifacts),
 so a killed worker leaves at most one unfinished run, which `close_orphans` marks KILLED on the next start.
+MLflow charts the chosen `epoch_metrics` per epoch; `history.csv` holds every per-epoch key, whatever was charted.
 Nothing here knows how training works; the driver hands over finished results.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import tempfile
@@ -20,12 +23,12 @@ from mlflow.tracking import MlflowClient
 
 from lstm_sweep.curves import curve_png
 from lstm_sweep.locks import ensure_local_store, sqlite_path
+from lstm_sweep.metrics import EPOCH_METRICS
 from lstm_sweep.spec import mask_url
 from lstm_sweep.train import RECORD_KEYS, TrialResult
 
 ROLE_TAG = "lstm_sweep.role"
 SWEEP_TAG = "lstm_sweep.sweep"
-EPOCH_METRICS = tuple(k for k in RECORD_KEYS if k not in ("epoch", "baseline_loss", "majority_rate"))
 
 
 def artifact_root_for(tracking_uri: str) -> str | None:
@@ -47,8 +50,9 @@ class SweepTracker:
 
     draws_curves = True  # worker processes may draw each run's curves.png ahead (TrialResult.artifacts)
 
-    def __init__(self, tracking_uri: str, sweep_name: str) -> None:
+    def __init__(self, tracking_uri: str, sweep_name: str, epoch_metrics: Iterable[str] = EPOCH_METRICS) -> None:
         ensure_local_store(tracking_uri)
+        self.epoch_metrics = tuple(epoch_metrics)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.sweep_name = sweep_name
         experiment = self.client.get_experiment_by_name(sweep_name)
@@ -111,7 +115,8 @@ class SweepTracker:
         replicate: int,
         params: Mapping[str, Any],
     ) -> str:
-        """One finished child run: params, tags, per-epoch metrics in batches, sample text and curve PNG."""
+        """One finished child run: params, tags, per-epoch metrics in batches, sample text, curve PNG and the
+        whole per-epoch history as CSV."""
         tags = {
             ROLE_TAG: "trial",
             SWEEP_TAG: self.sweep_name,
@@ -129,11 +134,13 @@ class SweepTracker:
         metrics: list[Metric] = []
         for record in result.history:
             step = int(record["epoch"])
-            for key in EPOCH_METRICS:
+            for key in self.epoch_metrics:
                 value = _finite(record.get(key))
                 if value is not None:
                     metrics.append(Metric(key, value, now, step))
-        for key, value in result.summary().items():
+        # Last values of every measure, charted per epoch or not: the runs table compares them across runs.
+        finals = {key: result.final.get(key) for key in EPOCH_METRICS} | result.summary()
+        for key, value in finals.items():
             v = _finite(value) if not isinstance(value, bool) else None
             if v is not None and key not in ("epochs",):
                 metrics.append(Metric(f"final_{key}", v, now, 0))
@@ -149,7 +156,8 @@ class SweepTracker:
             folder = Path(tmp)
             (folder / "sample.txt").write_text(sample_text(result))
             (folder / "curves.png").write_bytes(result.artifacts.get("curves.png") or curve_png(result))
-            self.client.log_artifacts(run_id, str(folder))  # one call for both files
+            (folder / "history.csv").write_text(history_csv(result))
+            self.client.log_artifacts(run_id, str(folder))  # one call for the three files
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
 
@@ -163,6 +171,15 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def history_csv(result: TrialResult) -> str:
+    """Every per-epoch record of the run, one row per epoch (`pandas.read_csv` reads it back)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=RECORD_KEYS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.history)
+    return out.getvalue()
 
 
 def sample_text(result: TrialResult) -> str:

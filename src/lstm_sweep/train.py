@@ -43,19 +43,9 @@ LAYOUT_FIELDS = (
 SAMPLE_LENGTH = 40
 RECORD_KEYS = (
     "epoch",
-    "train_loss",
-    "val_loss",
+    *metrics.EPOCH_METRICS,
     "baseline_loss",
-    "skill",
-    "symbol_accuracy",
     "majority_rate",
-    "accuracy_lift",
-    "distinct_symbols",
-    "pred_std_ratio",
-    "gate_saturation",
-    "hidden_spread",
-    "noise_to_grad",
-    *(f"grad_norm_{group}" for group in WEIGHT_GROUPS),
 )  # what every per-epoch record holds (callbacks, MLflow metrics, stored curves)
 
 
