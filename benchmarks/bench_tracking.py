@@ -19,14 +19,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from sweep_timing import alternating, timed_run
 
 
 def sweep_copy(source: Path, folder: Path, epoch_metrics: str) -> Path:
@@ -40,23 +38,11 @@ def sweep_copy(source: Path, folder: Path, epoch_metrics: str) -> Path:
     return path
 
 
-def timed_run(path: Path, workers: int, folder: Path, xla_cache: Path, tag: str, tracking: bool) -> float:
-    """Wall seconds of one `lstm-sweep run` in a new process, with new stores under `folder`."""
-    command = [
-        str(Path(sys.executable).with_name("lstm-sweep")),
-        "run",
-        str(path),
-        "--workers",
-        str(workers),
-        "--quiet",
-        "--storage",
-        f"sqlite:///{folder / f'optuna_{tag}.db'}",
-    ]
-    command += ["--tracking-uri", f"sqlite:///{folder / f'mlflow_{tag}.db'}"] if tracking else ["--no-tracking"]
-    started = time.perf_counter()
-    env = os.environ | {"LSTM_SWEEP_XLA_CACHE": str(xla_cache)}
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
-    return time.perf_counter() - started
+def timed_sweep(path: Path, workers: int, folder: Path, xla_cache: Path, tag: str, tracking: bool) -> float:
+    """Wall seconds of one run of the sweep with new stores under `folder`, tracked or not."""
+    options = ["--workers", str(workers), "--storage", f"sqlite:///{folder / f'optuna_{tag}.db'}"]
+    options += ["--tracking-uri", f"sqlite:///{folder / f'mlflow_{tag}.db'}"] if tracking else ["--no-tracking"]
+    return timed_run(path, options, xla_cache)
 
 
 def main() -> None:
@@ -82,12 +68,11 @@ def main() -> None:
             return folder / ("xla" if args.xla_cache == "warm" else f"xla-{tag}")
 
         if args.xla_cache == "warm":
-            timed_run(path, args.workers, folder, cache("warm-up"), "warm-up", tracking=False)
-        for repeat in range(args.repeats):
-            for tracking in (False, True) if repeat % 2 == 0 else (True, False):
-                tag = f"{'on' if tracking else 'off'}-r{repeat}"
-                seconds[tracking].append(timed_run(path, args.workers, folder, cache(tag), tag, tracking))
-                print(f"{tag}: {seconds[tracking][-1]:.1f} s", flush=True)
+            timed_sweep(path, args.workers, folder, cache("warm-up"), "warm-up", tracking=False)
+        for repeat, tracking in alternating(args.repeats, False, True):
+            tag = f"{'on' if tracking else 'off'}-r{repeat}"
+            seconds[tracking].append(timed_sweep(path, args.workers, folder, cache(tag), tag, tracking))
+            print(f"{tag}: {seconds[tracking][-1]:.1f} s", flush=True)
     off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
     row = {
         "sweep": str(source),

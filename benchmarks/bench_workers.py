@@ -18,14 +18,12 @@ import math
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from sweep_timing import alternating, timed_run
 
 FACTORS = {
     "learning_rate": [0.001, 0.01, 0.1],
@@ -68,24 +66,10 @@ def cache_folder(folder: Path, seq_len: int, tag: str, mode: str) -> Path:
 
 
 def timed_sweep(path: Path, workers: int, folder: Path, xla_cache: Path, tag: str) -> float:
-    """Wall seconds of one `lstm-sweep run` in a new process and a new study, with this XLA cache folder."""
+    """Wall seconds of one run of the sweep, population off and no tracking, in a new study."""
     storage = f"sqlite:///{folder / f'{path.stem}_{tag}.db'}"
-    command = [
-        str(Path(sys.executable).with_name("lstm-sweep")),
-        "run",
-        str(path),
-        "--workers",
-        str(workers),
-        "--no-population",
-        "--no-tracking",
-        "--quiet",
-        "--storage",
-        storage,
-    ]
-    started = time.perf_counter()
-    env = os.environ | {"LSTM_SWEEP_XLA_CACHE": str(xla_cache)}
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
-    return time.perf_counter() - started
+    options = ["--workers", str(workers), "--no-population", "--no-tracking", "--storage", storage]
+    return timed_run(path, options, xla_cache)
 
 
 def main() -> None:
@@ -118,12 +102,10 @@ def main() -> None:
             if args.xla_cache == "warm":
                 timed_sweep(path, 1, folder, cache_folder(folder, seq_len, "warm-up", args.xla_cache), "warm-up")
             seconds: dict[int, list[float]] = {1: [], args.workers: []}
-            for repeat in range(args.repeats):
-                # Alternating which goes first, so that a slow spell of a shared machine hits both sides alike.
-                for workers in (1, args.workers) if repeat % 2 == 0 else (args.workers, 1):
-                    tag = f"w{workers}-r{repeat}"
-                    cache = cache_folder(folder, seq_len, tag, args.xla_cache)
-                    seconds[workers].append(timed_sweep(path, workers, folder, cache, tag))
+            for repeat, workers in alternating(args.repeats, 1, args.workers):
+                tag = f"w{workers}-r{repeat}"
+                cache = cache_folder(folder, seq_len, tag, args.xla_cache)
+                seconds[workers].append(timed_sweep(path, workers, folder, cache, tag))
             one, many = statistics.median(seconds[1]), statistics.median(seconds[args.workers])
             row = {
                 "config": f"s{seq_len} u{args.state_size}",
