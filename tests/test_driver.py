@@ -84,7 +84,7 @@ def test_tiny_sweep_end_to_end_and_second_run_trains_nothing(tmp_path, capsys):
     # The default charts four keys per epoch; history.csv keeps every key of every epoch, equal to what was charted.
     first = children[0].info.run_id
     assert client.get_metric_history(first, "grad_norm_recurrent_kernel") == []
-    assert "final_skill" in children[0].data.metrics
+    assert "final_grad_norm_recurrent_kernel" in children[0].data.metrics  # not charted, its last value is there
     history = pd.read_csv(client.download_artifacts(first, "history.csv", str(tmp_path)))
     assert list(history.columns) == list(RECORD_KEYS) and list(history["epoch"]) == [1, 2]
     charted = sorted((m.step, m.value) for m in client.get_metric_history(first, "val_loss"))
@@ -118,6 +118,10 @@ def test_changed_sweep_definition_is_refused(tmp_path, capsys):
     sweep.write_text(tiny_sweep("changing", 3, "[0.9]"))
     assert main([*run_args(sweep, tmp_path), "--no-tracking"]) == 2
     assert "different sweep definition" in capsys.readouterr().err
+    # With tracking, too, the study is refused before MLflow is touched: no store, experiment or parent run.
+    assert main(run_args(sweep, tmp_path)) == 2
+    assert "different sweep definition" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_killed_sweep_resumes_with_every_cell_done_once(tmp_path):

@@ -75,6 +75,7 @@ GOOD: list[tuple[str, Doc, dict[str, Any]]] = [
         },
     ),
     ("epoch_metrics all", doc(epoch_metrics="all"), {"epoch_metrics": EPOCH_METRICS}),
+    ("epoch_metrics one name", doc(epoch_metrics="val_loss"), {"epoch_metrics": ("val_loss",)}),
     (
         "epoch_metrics listed, kept in record order",
         doc(epoch_metrics=["grad_norm_recurrent_kernel", "val_loss"]),
@@ -466,16 +467,31 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ("bad text_path", lambda: doc(fixed={"text_path": 3}), "fixed.text_path", "a path"),
     ("storage not a URL", lambda: doc(storage="results/optuna.db"), "storage", "a URL such as sqlite:///"),
     ("description not text", lambda: doc(description=["a"]), "description", "free text"),
-    ("epoch_metrics unknown word", lambda: doc(epoch_metrics="every"), "epoch_metrics", "got 'every', expected 'all'"),
-    ("epoch_metrics empty", lambda: doc(epoch_metrics=[]), "epoch_metrics", "a list of distinct names from"),
-    ("epoch_metrics mapping", lambda: doc(epoch_metrics={"val_loss": 1}), "epoch_metrics", "expected 'all' or"),
+    ("epoch_metrics unknown word", lambda: doc(epoch_metrics="every"), "epoch_metrics", "unknown name 'every'"),
+    ("epoch_metrics empty", lambda: doc(epoch_metrics=[]), "epoch_metrics", "'all', one name or a list of names"),
+    ("epoch_metrics mapping", lambda: doc(epoch_metrics={"val_loss": 1}), "epoch_metrics", "expected 'all', one"),
     (
-        "epoch_metrics unknown name",
-        lambda: doc(epoch_metrics=["val_loss", "loss"]),
+        "epoch_metrics misspelt name",
+        lambda: doc(epoch_metrics=["val_loss", "skil"]),
         "epoch_metrics[1]",
-        "got 'loss', expected one of train_loss, val_loss",
+        "unknown name 'skil', expected one of train_loss, val_loss, skill, symbol_accuracy, accuracy_lift, "
+        "distinct_symbols, pred_std_ratio, gate_saturation, hidden_spread, noise_to_grad, grad_norm_input_kernel, "
+        "grad_norm_recurrent_kernel, grad_norm_bias, grad_norm_readout; did you mean skill?",
     ),
-    ("epoch_metrics fixed record key", lambda: doc(epoch_metrics=["epoch"]), "epoch_metrics[0]", "got 'epoch'"),
+    ("epoch_metrics all in a list", lambda: doc(epoch_metrics=["all"]), "epoch_metrics[0]", "'all' on its own"),
+    ("epoch_metrics number in a list", lambda: doc(epoch_metrics=[3]), "epoch_metrics[0]", "got 3, expected a name"),
+    (
+        "epoch_metrics mapping in a list",
+        lambda: doc(epoch_metrics=["skill", {"val_loss": 1}]),
+        "epoch_metrics[1]",
+        "expected a name, one of",
+    ),
+    (
+        "epoch_metrics fixed record key",
+        lambda: doc(epoch_metrics=["epoch"]),
+        "epoch_metrics[0]",
+        "unknown name 'epoch'",
+    ),
     (
         "epoch_metrics twice",
         lambda: doc(epoch_metrics=["skill", "skill"]),

@@ -155,6 +155,7 @@ def _describe(spec: Any) -> str:
     what = "grid configurations" if spec.sampler == "grid" else "trials"
     lines.append(f"  {spec.n_configs()} {what} x {spec.replicates} replicates = {spec.n_runs()} training runs")
     lines.append(f"  storage {d['storage']}, tracking {d['tracking_uri']}")
+    lines.append(f"  charted per epoch in MLflow: {', '.join(d['epoch_metrics'])} (every key in history.csv)")
     return "\n".join(lines)
 
 
@@ -219,11 +220,13 @@ def _run_sweep_command(
     sinks = []
     tracker = None
     status = "FINISHED"
-    # Workers start first and import TensorFlow while this process sets up MLflow (seconds each); with tracking,
-    # they also draw each run's curves.png for the tracker.
+    # Worker processes start first and import TensorFlow while this one sets up MLflow (seconds each); with
+    # tracking, they also draw each run's curves.png for the tracker. (One worker trains in this process, which
+    # imports TensorFlow here.)
     executor = make_executor(workers, render_curves=not no_tracking)
     try:
         if not no_tracking:
+            from lstm_sweep.driver import open_study
             from lstm_sweep.locks import StudyLock, engine_url
             from lstm_sweep.tracking import SweepTracker  # imports MLflow: seconds, only when tracking
 
@@ -231,6 +234,7 @@ def _run_sweep_command(
             setup_lock = StudyLock(storage_url, spec.name)
             try:
                 with setup_lock():
+                    open_study(spec, storage_url)  # a study of another definition is refused before MLflow is touched
                     tracker = SweepTracker(engine_url(uri), spec.name, spec.epoch_metrics)
                     tracker.start_sweep(spec.to_dict(), Path(sweep_file).read_text(encoding="utf-8"))
             finally:
@@ -255,13 +259,18 @@ def _run_sweep_command(
             )
         if outcome.interrupted:
             status = "KILLED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
-        executor.close()
-        if tracker is not None:
-            tracker.end_sweep(status)
+        try:
+            executor.close()
+        finally:
+            if tracker is not None:
+                tracker.end_sweep(status)
     rec = outcome.recovery
     if rec.failed_stale:
         click.echo(f"recovered {len(rec.failed_stale)} interrupted trial(s): {rec.failed_stale}")

@@ -1140,10 +1140,11 @@ def _run_stage(
 
 def _open_tracker(spec: NeighbourhoodSpec, text: str | None) -> Any:
     from lstm_sweep.driver import open_study
+    from lstm_sweep.metrics import EPOCH_METRICS
     from lstm_sweep.tracking import SweepTracker
 
     open_study(as_sweep_spec(spec), spec.storage)  # refuses a name taken by a different experiment, before MLflow
-    tracker = SweepTracker(spec.tracking_uri, spec.name)
+    tracker = SweepTracker(spec.tracking_uri, spec.name, EPOCH_METRICS)  # diagnostics are the point: chart them all
     tracker.start_sweep(spec.to_dict(), text)
     return tracker
 

@@ -906,21 +906,30 @@ def _threshold_problem(key: str, value: Any) -> str | None:
 
 
 def _parse_epoch_metrics(value: object, problems: _Problems) -> tuple[str, ...]:
-    """`all`, or a list of distinct per-epoch record keys, in record order; the default when absent."""
+    """`all`, one name, or a list of distinct per-epoch record keys, kept in record order; the default when absent."""
     if value is None:
         return DEFAULT_EPOCH_METRICS
     if value == "all":
         return EPOCH_METRICS
-    expected = "'all' or a list of distinct names from " + ", ".join(EPOCH_METRICS)
-    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
-        problems.bad("epoch_metrics", value, expected)
+    names: list[object]
+    if isinstance(value, str):
+        names = [value]
+    elif isinstance(value, Sequence) and value:
+        names = list(value)
+    else:
+        problems.bad("epoch_metrics", value, "'all', one name or a list of names from " + ", ".join(EPOCH_METRICS))
         return DEFAULT_EPOCH_METRICS
-    names = list(value)
+    single = isinstance(value, str)
     for i, name in enumerate(names):
-        if not isinstance(name, str) or name not in EPOCH_METRICS:
-            problems.bad(f"epoch_metrics[{i}]", name, "one of " + ", ".join(EPOCH_METRICS))
+        path = "epoch_metrics" if single else f"epoch_metrics[{i}]"
+        if name == "all":
+            problems.bad(path, name, "'all' on its own (epoch_metrics: all), not in a list")
+        elif not isinstance(name, str):
+            problems.bad(path, name, "a name, one of " + ", ".join(EPOCH_METRICS))
+        elif name not in EPOCH_METRICS:
+            problems.unknown(path, name, f"name {name!r}", EPOCH_METRICS)
         elif name in names[:i]:
-            problems.bad(f"epoch_metrics[{i}]", name, "each name once")
+            problems.bad(path, name, "each name once")
     return tuple(name for name in EPOCH_METRICS if name in names)
 
 

@@ -50,7 +50,7 @@ class SweepTracker:
 
     draws_curves = True  # worker processes may draw each run's curves.png ahead (TrialResult.artifacts)
 
-    def __init__(self, tracking_uri: str, sweep_name: str, epoch_metrics: Iterable[str] = EPOCH_METRICS) -> None:
+    def __init__(self, tracking_uri: str, sweep_name: str, epoch_metrics: Iterable[str]) -> None:
         ensure_local_store(tracking_uri)
         self.epoch_metrics = tuple(epoch_metrics)
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -140,6 +140,7 @@ class SweepTracker:
                     metrics.append(Metric(key, value, now, step))
         # Last values of every measure, charted per epoch or not: the runs table compares them across runs.
         finals = {key: result.final.get(key) for key in EPOCH_METRICS} | result.summary()
+        del finals["loss"]  # the summary's name for val_loss, already there
         for key, value in finals.items():
             v = _finite(value) if not isinstance(value, bool) else None
             if v is not None and key not in ("epochs",):
