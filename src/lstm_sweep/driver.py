@@ -558,168 +558,142 @@ def run_sweep(
     processes (the stores stay in this one); `population=False` trains every run on its own. A caller may pass an
     executor it started earlier (and closes itself), so that workers import TensorFlow while it sets up tracking.
     """
-    own_executor = executor is None
-    if executor is None:  # first: worker processes import TensorFlow while this one opens the study and proposes
-        executor = make_executor(workers, render_curves=any(getattr(s, "draws_curves", False) for s in sinks))
-    try:
-        return _run_sweep(
-            spec,
-            executor,
-            storage_url=storage_url,
-            trials=trials,
-            sinks=sinks,
-            on_trial=on_trial,
-            batch_trials=batch_trials,
-            workers=workers,
-            population=population,
-        )
-    finally:
-        if own_executor:
-            executor.close()
+    with contextlib.ExitStack() as cleanup:
+        if executor is None:  # first: worker processes import TensorFlow while this one opens the study and proposes
+            executor = make_executor(workers, render_curves=any(getattr(s, "draws_curves", False) for s in sinks))
+            cleanup.callback(executor.close)
+        study_lock = StudyLock(storage_url, spec.name)
+        cleanup.callback(study_lock.close)  # after the writer, before the executor; also when the study is refused
+        with study_lock():  # several workers may start at once: each sees the others' enqueued cells
+            study = open_study(spec, storage_url)
+            outcome = SweepOutcome(study=study)
+            total = planned_trials(spec, trials)
+            outcome.recovery = recover(study, spec, total)
+        _close_orphans(sinks, outcome.recovery.abandoned)
+        batch = batch_trials or BATCH_TRIALS[spec.sampler]
+        verdict_counts: Counter[str] = Counter()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            verdict_counts.update(t.user_attrs.get("verdicts", {}))
+        counter_lock = threading.Lock()
 
+        def done_count() -> int:
+            return sum(1 for t in study.get_trials(deepcopy=False) if _is_done(t))
 
-def _run_sweep(
-    spec: SweepSpec,
-    executor: Executor,
-    *,
-    storage_url: str,
-    trials: int | None,
-    sinks: Sequence[TrialSink],
-    on_trial: ProgressHook | None,
-    batch_trials: int | None,
-    workers: int,
-    population: bool,
-) -> SweepOutcome:
-    study_lock = StudyLock(storage_url, spec.name)
-    with study_lock():  # several workers may start at once: each sees the others' enqueued cells
-        study = open_study(spec, storage_url)
-        outcome = SweepOutcome(study=study)
-        total = planned_trials(spec, trials)
-        outcome.recovery = recover(study, spec, total)
-    _close_orphans(sinks, outcome.recovery.abandoned)
-    batch = batch_trials or BATCH_TRIALS[spec.sampler]
-    verdict_counts: Counter[str] = Counter()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        verdict_counts.update(t.user_attrs.get("verdicts", {}))
-    counter_lock = threading.Lock()
+        # Progress counts what storage said at the last batch plus what this process finished since: reading every
+        # trial after each one would make a sweep quadratic in its size.
+        progress = {"done": 0}
+        writing = {"trials": 0}  # trained, handed to the writer, not yet told: neither done nor to be proposed again
+        queued = {"trials": 0}  # handed to the executor, not yet collected (the batch training and the one behind it)
+        heartbeat = _Heartbeat(study)
 
-    def done_count() -> int:
-        return sum(1 for t in study.get_trials(deepcopy=False) if _is_done(t))
+        def finish(
+            proposal: Proposal, state: TrialState, value: float | None, verdicts: Sequence[str], written: bool = False
+        ) -> None:
+            with counter_lock:  # told and uncounted from `writing` at once, so `remaining` never counts a trial twice
+                frozen = study.tell(proposal.trial, value if state == TrialState.COMPLETE else None, state=state)
+                writing["trials"] -= int(written)
+                if state == TrialState.COMPLETE:
+                    outcome.trained += 1
+                    outcome.verdicts.update(verdicts)
+                    verdict_counts.update(verdicts)
+                elif state == TrialState.FAIL:
+                    outcome.failed += 1
+                if state in (TrialState.COMPLETE, TrialState.FAIL):  # what done_count counts
+                    progress["done"] += 1
+                if on_trial:
+                    on_trial(frozen, verdict_counts, progress["done"], total)
+            heartbeat.release(proposal.trial)
 
-    # Progress counts what storage said at the last batch plus what this process finished since: reading every
-    # trial after each one would make a sweep quadratic in its size.
-    progress = {"done": 0}
-    writing = {"trials": 0}  # trained, handed to the writer, not yet told: neither done nor to be proposed again
-    queued = {"trials": 0}  # handed to the executor, not yet collected (the batch training and the one behind it)
-    heartbeat = _Heartbeat(study)
+        def remaining_trials() -> int:
+            with counter_lock:
+                progress["done"] = done_count()
+                return total - progress["done"] - writing["trials"] - queued["trials"]
 
-    def finish(
-        proposal: Proposal, state: TrialState, value: float | None, verdicts: Sequence[str], written: bool = False
-    ) -> None:
-        with counter_lock:  # told and uncounted from `writing` at once, so `remaining` never counts a trial twice
-            frozen = study.tell(proposal.trial, value if state == TrialState.COMPLETE else None, state=state)
-            writing["trials"] -= int(written)
-            if state == TrialState.COMPLETE:
-                outcome.trained += 1
-                outcome.verdicts.update(verdicts)
-                verdict_counts.update(verdicts)
-            elif state == TrialState.FAIL:
-                outcome.failed += 1
-            if state in (TrialState.COMPLETE, TrialState.FAIL):  # what done_count counts
-                progress["done"] += 1
-            if on_trial:
-                on_trial(frozen, verdict_counts, progress["done"], total)
-        heartbeat.release(proposal.trial)
+        def record_job(group: list[Proposal], results: list[list[TrialResult]]) -> Callable[[], None]:
+            def job() -> None:
+                for proposal, trial_results in zip(group, results, strict=True):
+                    value = record_results(proposal, trial_results, sinks)
+                    finish(proposal, TrialState.COMPLETE, value, [r.verdict for r in trial_results], written=True)
 
-    def remaining_trials() -> int:
-        with counter_lock:
-            progress["done"] = done_count()
-            return total - progress["done"] - writing["trials"] - queued["trials"]
+            return job
 
-    def record_job(group: list[Proposal], results: list[list[TrialResult]]) -> Callable[[], None]:
-        def job() -> None:
-            for proposal, trial_results in zip(group, results, strict=True):
-                value = record_results(proposal, trial_results, sinks)
-                finish(proposal, TrialState.COMPLETE, value, [r.verdict for r in trial_results], written=True)
+        writer = _Writer()
+        in_flight: list[Proposal] = []  # every trial this run asked for; on Ctrl-C the untold ones are failed
+        carry: list[Proposal] = []
+        # With worker processes, the next batch is proposed and queued while this one trains: the workers go straight
+        # from one batch to the next instead of waiting for the main process to propose. Not for TPE, whose next
+        # proposal learns from the last result; the batches themselves are the same either way (`remaining_trials`
+        # counts queued trials as taken), so the same trials train with the same numbers.
+        ahead = 2 if workers > 1 and spec.sampler != "tpe" else 1
 
-        return job
+        def plan_batch() -> Batch | None:
+            """Propose the next batch, group it, hand its jobs to the executor; None when nothing is left."""
+            nonlocal carry
+            with study_lock():
+                stale = fail_stale(study)
+            if stale:
+                outcome.recovery.failed_stale.extend(stale)
+                _close_orphans(sinks, stale)
+            remaining = remaining_trials()
+            if remaining <= 0:
+                return None
+            wanted = max(0, min(batch, remaining) - len(carry))
+            fresh = propose(study, spec, wanted)
+            in_flight.extend(fresh)
+            if not carry + fresh:
+                return None
+            heartbeat.hold([p.trial for p in fresh])
+            groups = group_by_layout(carry + fresh) if population else group_lone_runs(fresh)
+            carry = []
+            if population and len(groups) > 1 and wanted > 0 and len(fresh) == wanted:
+                # The queue may hold more cells of the last layout: train that population whole, next batch.
+                carry = groups.pop()
+            # Longest first: with several workers the batch then ends close to when its total work does.
+            groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
+            pieces = -(-workers // len(groups))  # enough lone-run jobs for every worker
+            job_groups = [jobs_for(group, population, spec.n_runs(), pieces) for group in groups]
+            with counter_lock:
+                queued["trials"] += sum(len(group) for group in groups)
+            return Batch(
+                groups, job_groups, executor.run([job for jobs in job_groups for job in jobs], spec.thresholds)
+            )
 
-    writer = _Writer()
-    in_flight: list[Proposal] = []  # every trial this run asked for; on Ctrl-C the untold ones are failed
-    carry: list[Proposal] = []
-    # With worker processes, the next batch is proposed and queued while this one trains: the workers go straight
-    # from one batch to the next instead of waiting for the main process to propose. Not for TPE, whose next
-    # proposal learns from the last result; the batches themselves are the same either way (`remaining_trials`
-    # counts queued trials as taken), so the same trials train with the same numbers.
-    ahead = 2 if workers > 1 and spec.sampler != "tpe" else 1
-
-    def plan_batch() -> Batch | None:
-        """Propose the next batch, group it, hand its jobs to the executor; None when nothing is left."""
-        nonlocal carry
-        with study_lock():
-            stale = fail_stale(study)
-        if stale:
-            outcome.recovery.failed_stale.extend(stale)
-            _close_orphans(sinks, stale)
-        remaining = remaining_trials()
-        if remaining <= 0:
-            return None
-        wanted = max(0, min(batch, remaining) - len(carry))
-        fresh = propose(study, spec, wanted)
-        in_flight.extend(fresh)
-        if not carry + fresh:
-            return None
-        heartbeat.hold([p.trial for p in fresh])
-        groups = group_by_layout(carry + fresh) if population else group_lone_runs(fresh)
-        carry = []
-        if population and len(groups) > 1 and wanted > 0 and len(fresh) == wanted:
-            # The queue may hold more cells of the last layout: train that population whole, next batch.
-            carry = groups.pop()
-        # Longest first: with several workers the batch then ends close to when its total work does.
-        groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
-        pieces = -(-workers // len(groups))  # enough lone-run jobs for every worker
-        job_groups = [jobs_for(group, population, spec.n_runs(), pieces) for group in groups]
-        with counter_lock:
-            queued["trials"] += sum(len(group) for group in groups)
-        return Batch(groups, job_groups, executor.run([job for jobs in job_groups for job in jobs], spec.thresholds))
-
-    def collect(planned: Batch) -> None:
-        """Wait for a batch's outcomes and hand each group to the writer (or fail it with its error)."""
-        for group, jobs in zip(planned.groups, planned.job_groups, strict=True):
-            results = split_results(group, [next(planned.outcomes) for _ in jobs])
-            if isinstance(results, JobFailed):
+        def collect(planned: Batch) -> None:
+            """Wait for a batch's outcomes and hand each group to the writer (or fail it with its error)."""
+            for group, jobs in zip(planned.groups, planned.job_groups, strict=True):
+                results = split_results(group, [next(planned.outcomes) for _ in jobs])
+                if isinstance(results, JobFailed):
+                    with counter_lock:
+                        queued["trials"] -= len(group)
+                    for proposal in group:
+                        proposal.trial.set_user_attr("error", mask_url(results.message)[:2000])
+                        proposal.trial.set_user_attr("traceback", mask_url(results.traceback)[-4000:])
+                        finish(proposal, TrialState.FAIL, None, [])
+                    continue
                 with counter_lock:
                     queued["trials"] -= len(group)
-                for proposal in group:
-                    proposal.trial.set_user_attr("error", mask_url(results.message)[:2000])
-                    proposal.trial.set_user_attr("traceback", mask_url(results.traceback)[-4000:])
-                    finish(proposal, TrialState.FAIL, None, [])
-                continue
-            with counter_lock:
-                queued["trials"] -= len(group)
-                writing["trials"] += len(group)
-            writer.submit(record_job(group, results))
+                    writing["trials"] += len(group)
+                writer.submit(record_job(group, results))
 
-    pending: collections.deque[Batch] = collections.deque()
-    try:
-        with heartbeat:
-            # No waiting for the writer between batches: the workers train the next batch while it records.
-            while True:
-                while len(pending) < ahead and (planned := plan_batch()) is not None:
-                    pending.append(planned)
-                if not pending:
-                    break
-                collect(pending.popleft())
-            writer.drain()
-    except KeyboardInterrupt:
-        outcome.interrupted = True
+        pending: collections.deque[Batch] = collections.deque()
         try:
-            writer.drain()  # keep what finished training
+            with heartbeat:
+                # No waiting for the writer between batches: the workers train the next batch while it records.
+                while True:
+                    while len(pending) < ahead and (planned := plan_batch()) is not None:
+                        pending.append(planned)
+                    if not pending:
+                        break
+                    collect(pending.popleft())
+                writer.drain()
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+            try:
+                writer.drain()  # keep what finished training
+            finally:
+                for proposal in in_flight:
+                    if study._storage.get_trial(proposal.trial._trial_id).state == TrialState.RUNNING:
+                        study.tell(proposal.trial, state=TrialState.FAIL)  # no error attr: retried next run
         finally:
-            for proposal in in_flight:
-                if study._storage.get_trial(proposal.trial._trial_id).state == TrialState.RUNNING:
-                    study.tell(proposal.trial, state=TrialState.FAIL)  # no error attr: retried next run
-    finally:
-        writer.close()
-        study_lock.close()
-    return outcome
+            writer.close()
+        return outcome
