@@ -12,8 +12,10 @@ therefore over the weights that can affect the loss.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -57,6 +59,34 @@ def uses_xla(layout: TrialConfig, runs: int) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return layout.seq_len == 1 or runs >= XLA_MIN_RUNS
+
+
+@dataclass(frozen=True)
+class Uses:
+    """Which optional parts of a step some member uses. `load` sets them, and each combination is traced with only
+    its own parts: as conditions inside the graph, XLA turned the cheap branches into selects and ran both (measured,
+    64 members at seq_len 8 with 64 units, momentum only: Adam's arithmetic ran anyway, about 2.5 ms of a 26 ms
+    step). A sweep's populations mostly share one combination, so this adds few compiles."""
+
+    adam: str = "none"  # how many members use Adam: "none", "some" or "all"
+    seeded_noise: bool = False
+    annealed_noise: bool = False
+    clip: bool = False
+
+    @classmethod
+    def of(cls, configs: Sequence[TrialConfig]) -> Uses:
+        adam = sum(c.optimizer == "adam" for c in configs)
+        noisy = [c for c in configs if c.grad_noise > 0]
+        return cls(
+            adam="none" if adam == 0 else "all" if adam == len(configs) else "some",
+            seeded_noise=any(c.grad_noise_schedule != "annealed" for c in noisy),
+            annealed_noise=any(c.grad_noise_schedule == "annealed" for c in noisy),
+            clip=any(c.grad_clip > 0 for c in configs),
+        )
+
+    @property
+    def noise(self) -> bool:
+        return self.seeded_noise or self.annealed_noise
 
 
 def _one_hot_columns(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -122,7 +152,8 @@ class Population:
         self.train_labels = tf.Variable(data.train.labels, trainable=False)
         self.val_x = tf.Variable(data.val.x, trainable=False)
         self.xla = xla
-        self._train_epoch = tf.function(self._train_epoch_graph, jit_compile=self.xla, autograph=False)
+        self.uses = Uses()
+        self._train_epochs: dict[Uses, Callable[[], dict[str, tf.Tensor]]] = {}
         self.evaluate = tf.function(self._evaluate_graph, autograph=False)
 
     @staticmethod
@@ -205,6 +236,7 @@ class Population:
         }
         for key, vals in values.items():
             self.hyper[key].assign(np.asarray(vals, np.float32))
+        self.uses = Uses.of(configs)
         self.seeds.assign(np.asarray([c.seed for c in configs], np.uint32))
         units = np.arange(self.arch.max_units)
         self.unit_mask.assign(np.stack([units < c.state_size for c in configs]).astype(np.float32))
@@ -221,7 +253,7 @@ class Population:
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=outputs)
         return tf.reduce_mean(ce, axis=[1, 2])
 
-    def _noise(self, live: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    def _noise(self, live: tf.Tensor, step: tf.Tensor, uses: Uses) -> tf.Tensor:
         """Per-weight gradient noise, zero for members without noise and for dead members.
 
         seed schedule: U(-1, 1) * mean|w| of the weight's parameter * grad_noise (the seed's recipe);
@@ -229,24 +261,16 @@ class Population:
         """
         h = self.hyper
         noisy = h["grad_noise"] * live
-        seeded = noisy * (1.0 - h["annealed"])
-        annealed = noisy * h["annealed"]
         step_u32 = tf.cast(step, tf.uint32)
-
-        def seed_schedule() -> tf.Tensor:
+        noise = tf.zeros_like(self.theta)
+        if uses.seeded_noise:
+            seeded = noisy * (1.0 - h["annealed"])
             mean_abs = tf.matmul(tf.abs(self.theta) * self.real_mask, self.param_of) / tf.maximum(self.real_counts, 1)
             scale = tf.matmul(mean_abs * seeded[:, None], self.param_of, transpose_b=True)
-            return symmetric(self.seeds, step_u32, self.ids) * scale
-
-        def annealed_schedule() -> tf.Tensor:
-            std = tf.sqrt(annealed / tf.pow(tf.cast(step, tf.float32), ANNEAL_GAMMA))
-            return gaussian(self.seeds, step_u32, self.ids) * std[:, None]
-
-        def zeros() -> tf.Tensor:
-            return tf.zeros_like(self.theta)
-
-        noise = tf.cond(tf.reduce_any(seeded > 0), seed_schedule, zeros)
-        noise = tf.cond(tf.reduce_any(annealed > 0), lambda: noise + annealed_schedule(), lambda: noise)
+            noise = symmetric(self.seeds, step_u32, self.ids) * scale
+        if uses.annealed_noise:
+            std = tf.sqrt(noisy * h["annealed"] / tf.pow(tf.cast(step, tf.float32), ANNEAL_GAMMA))
+            noise += gaussian(self.seeds, step_u32, self.ids) * std[:, None]
         return noise * self.train_mask
 
     def _clip(self, g: tf.Tensor) -> tf.Tensor:
@@ -268,38 +292,26 @@ class Population:
         self.adam_v.assign(v)
         return (m / (1 - ADAM_BETA1**t)) / (tf.sqrt(v / (1 - ADAM_BETA2**t)) + ADAM_EPSILON)
 
-    def _in_use(self) -> dict[str, tf.Tensor]:
-        """Which optional parts some member uses (fixed while an epoch runs, so computed once per epoch)."""
-        h = self.hyper
-        adam = h["adam"] > 0.5
-        return {
-            "adam": adam,
-            "any_adam": tf.reduce_any(adam),
-            "all_adam": tf.reduce_all(adam),
-            "any_noise": tf.reduce_any(h["grad_noise"] > 0),
-            "any_clip": tf.reduce_any(h["grad_clip"] > 0),
-        }
-
-    def _update(self, g: tf.Tensor, uses: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Each optimizer's slot arithmetic is several passes over every weight: run only the ones in use."""
-        adam = uses["adam"]
-
-        def mixed() -> tf.Tensor:
-            return tf.where(adam[:, None], self._adam_update(g), self._momentum_update(g))
-
-        return tf.cond(
-            uses["all_adam"],
-            lambda: self._adam_update(g),
-            lambda: tf.cond(uses["any_adam"], mixed, lambda: self._momentum_update(g)),
-        )
+    def _update(self, g: tf.Tensor, uses: Uses) -> tf.Tensor:
+        """Each optimizer's slot arithmetic is several passes over every weight: only the ones in use are traced."""
+        if uses.adam == "all":
+            return self._adam_update(g)
+        if uses.adam == "some":
+            return tf.where(self.hyper["adam"][:, None] > 0.5, self._adam_update(g), self._momentum_update(g))
+        return self._momentum_update(g)
 
     # --- compiled epochs -----------------------------------------------------------------------------------
 
     def train_epoch(self) -> dict[str, tf.Tensor]:
-        """One pass over the training stream, compiled (with XLA when `uses_xla` says so)."""
-        return self._train_epoch()
+        """One pass over the training stream, compiled (with XLA when `uses_xla` says so) for the loaded members'
+        `Uses`."""
+        uses = self.uses
+        if uses not in self._train_epochs:
+            graph = functools.partial(self._train_epoch_graph, uses)
+            self._train_epochs[uses] = tf.function(graph, jit_compile=self.xla, autograph=False)
+        return self._train_epochs[uses]()
 
-    def _train_epoch_graph(self) -> dict[str, tf.Tensor]:
+    def _train_epoch_graph(self, uses: Uses) -> dict[str, tf.Tensor]:
         """One pass over the training stream; returns per-member means for the epoch's diagnostics.
 
         A member whose loss or gradient turns non-finite is marked dead at that step and never updated again;
@@ -309,7 +321,6 @@ class Population:
         steps, lanes = self.train_x.shape[0], self.train_x.shape[1]
         train_x, train_y, labels = (tf.convert_to_tensor(v) for v in (self.train_x, self.train_y, self.train_labels))
         h = self.hyper
-        uses = self._in_use()
         state: list[LayerState] = zero_state(self.arch, p, lanes)  # carried only when stateful
         idle = tf.convert_to_tensor(self.idle)  # never trained: read once per epoch
 
@@ -355,9 +366,7 @@ class Population:
         n = float(steps)
         return {"train_loss": loss_sum / n, "grad_norms": group_sums / n, "noise_to_grad": ratio_sum / n}
 
-    def _apply(
-        self, grad: tf.Tensor, loss: tf.Tensor, uses: dict[str, tf.Tensor]
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _apply(self, grad: tf.Tensor, loss: tf.Tensor, uses: Uses) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """Everything after the gradient: divergence check, noise, clipping, the optimizer, the diagnostics."""
         p = self.members
         h = self.hyper
@@ -370,14 +379,14 @@ class Population:
         self.alive.assign(self.alive & finite)
         live = tf.cast(self.alive, tf.float32)
         g = tf.where(self.alive[:, None], g, 0.0)
-        g, noise_sq = tf.cond(uses["any_noise"], lambda: self._with_noise(g, live), lambda: (g, tf.zeros((p,))))
-        g = tf.cond(uses["any_clip"], lambda: self._clip(g), lambda: g)
+        noise_sq = tf.zeros((p,))
+        if uses.noise:
+            noise = self._noise(live, self.step, uses)
+            g, noise_sq = g + noise, tf.reduce_sum(tf.square(noise), axis=1)
+        if uses.clip:
+            g = self._clip(g)
         self.theta.assign_sub((h["learning_rate"] * live)[:, None] * self._update(g, uses))
         return finite, group_sq, grad_sq, noise_sq
-
-    def _with_noise(self, g: tf.Tensor, live: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        noise = self._noise(live, self.step)
-        return g + noise, tf.reduce_sum(tf.square(noise), axis=1)
 
     def _evaluate_graph(self) -> dict[str, tf.Tensor]:
         """Run the validation windows; returns outputs, top hidden states and the gate-saturation fraction."""
