@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,12 @@ def keras_trial(config: TrialConfig) -> float:
     return time.perf_counter() - started
 
 
-def timed(fn: Any, repeats: int) -> float:
-    return statistics.median(_once(fn) for _ in range(repeats))
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(once(fn) for _ in range(repeats))
 
 
-def _once(fn: Any) -> float:
+def once(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -175,13 +177,13 @@ def main() -> None:
                 row.keras_s = timed(lambda c=config: keras_trial(c), args.repeats)
                 # One trial at a time as a `--no-population` sweep trains them: a worker gets `members` lone runs of
                 # this layout together, so one compiled graph (XLA from XLA_MIN_RUNS planned runs on) serves them all.
-                row.single_trace_s = _once(lambda c=config: train(c, layout_runs=args.members))
+                row.single_trace_s = once(lambda c=config: train(c, layout_runs=args.members))
                 row.single_s = timed(lambda c=config: train(c, layout_runs=args.members), args.repeats)
                 members = [
                     config.replace(seed=i, learning_rate=10 ** np.linspace(-3, -1, args.members)[i])
                     for i in range(args.members)
                 ]
-                row.population_trace_s = _once(lambda m=members: train_population(m))
+                row.population_trace_s = once(lambda m=members: train_population(m))
                 row.population_s = timed(lambda m=members: train_population(m), args.repeats)
                 row.members = args.members
                 row.useful_gflop = useful_flops(config, data, steps, args.members) / 1e9

@@ -9,7 +9,7 @@ from lstm_sweep.driver import Proposal, group_lone_runs, jobs_for
 from lstm_sweep.executor import Job, JobFailed, run_job
 from lstm_sweep.metrics import Thresholds
 from lstm_sweep.population import XLA_MIN_RUNS, uses_xla
-from lstm_sweep.train import _population_for, train
+from lstm_sweep.train import _population_for, population_graph_key, train
 
 TINY = TrialConfig(stream_length=240, epochs=2)
 
@@ -66,6 +66,22 @@ def test_lone_runs_group_by_the_graph_they_train_on(changes: dict[str, object], 
     assert [len(g) for g in grouped] == ([2] if same_graph else [1, 1])
     first, second = (_population_for(p.configs, layout_runs=576) for p in group)
     assert (first is second) == same_graph  # the trainer does reuse one graph for them
+    assert (population_graph_key(group[0].configs, 576) == population_graph_key(group[1].configs, 576)) == same_graph
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"grad_noise": 0.0}, {"optimizer": "adam"}, {"grad_clip": 1.0}, {"grad_noise_schedule": "annealed"}],
+)
+def test_lone_runs_that_need_other_step_parts_go_apart(changes: dict[str, object]) -> None:
+    """Their shapes match, so the trainer keeps one set of variables for both, but each needs its own compiled
+    epoch (`StepParts`): a worker holding both would compile twice."""
+    base = TINY.replace(input_encoding="raw", output_framing="regression")
+    group = [Proposal(None, {}, str(i), [c]) for i, c in enumerate([base, base.replace(**changes)])]  # type: ignore[arg-type]
+    assert [len(g) for g in group_lone_runs(group)] == [1, 1]
+    first, second = (_population_for(p.configs, layout_runs=576) for p in group)
+    assert first is second
+    assert population_graph_key(group[0].configs, 576) != population_graph_key(group[1].configs, 576)
 
 
 def test_lone_runs_of_a_job_equal_training_each_alone() -> None:

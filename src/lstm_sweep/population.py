@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +32,7 @@ from lstm_sweep.model import (
     zero_state,
 )
 from lstm_sweep.noise import gaussian, symmetric, weight_ids
+from lstm_sweep.step_parts import StepParts
 from lstm_sweep.tasks import SequenceData
 from lstm_sweep.train import graph_shape
 
@@ -59,34 +59,6 @@ def uses_xla(layout: TrialConfig, runs: int) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return layout.seq_len == 1 or runs >= XLA_MIN_RUNS
-
-
-@dataclass(frozen=True)
-class Uses:
-    """Which optional parts of a step some member uses. `load` sets them, and each combination is traced with only
-    its own parts: as conditions inside the graph, XLA turned the cheap branches into selects and ran both (measured,
-    64 members at seq_len 8 with 64 units, momentum only: Adam's arithmetic ran anyway, about 2.5 ms of a 26 ms
-    step). A sweep's populations mostly share one combination, so this adds few compiles."""
-
-    adam: str = "none"  # how many members use Adam: "none", "some" or "all"
-    seeded_noise: bool = False
-    annealed_noise: bool = False
-    clip: bool = False
-
-    @classmethod
-    def of(cls, configs: Sequence[TrialConfig]) -> Uses:
-        adam = sum(c.optimizer == "adam" for c in configs)
-        noisy = [c for c in configs if c.grad_noise > 0]
-        return cls(
-            adam="none" if adam == 0 else "all" if adam == len(configs) else "some",
-            seeded_noise=any(c.grad_noise_schedule != "annealed" for c in noisy),
-            annealed_noise=any(c.grad_noise_schedule == "annealed" for c in noisy),
-            clip=any(c.grad_clip > 0 for c in configs),
-        )
-
-    @property
-    def noise(self) -> bool:
-        return self.seeded_noise or self.annealed_noise
 
 
 def _one_hot_columns(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -152,8 +124,8 @@ class Population:
         self.train_labels = tf.Variable(data.train.labels, trainable=False)
         self.val_x = tf.Variable(data.val.x, trainable=False)
         self.xla = xla
-        self.uses = Uses()
-        self._train_epochs: dict[Uses, Callable[[], dict[str, tf.Tensor]]] = {}
+        self.parts = StepParts()
+        self._train_epochs: dict[StepParts, Callable[[], dict[str, tf.Tensor]]] = {}
         self.evaluate = tf.function(self._evaluate_graph, autograph=False)
 
     @staticmethod
@@ -236,7 +208,7 @@ class Population:
         }
         for key, vals in values.items():
             self.hyper[key].assign(np.asarray(vals, np.float32))
-        self.uses = Uses.of(configs)
+        self.parts = StepParts.of(configs)
         self.seeds.assign(np.asarray([c.seed for c in configs], np.uint32))
         units = np.arange(self.arch.max_units)
         self.unit_mask.assign(np.stack([units < c.state_size for c in configs]).astype(np.float32))
@@ -253,8 +225,8 @@ class Population:
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=outputs)
         return tf.reduce_mean(ce, axis=[1, 2])
 
-    def _noise(self, live: tf.Tensor, step: tf.Tensor, uses: Uses) -> tf.Tensor:
-        """Per-weight gradient noise, zero for members without noise and for dead members.
+    def _noise(self, live: tf.Tensor, step: tf.Tensor, parts: StepParts) -> tf.Tensor:
+        """Per-weight gradient noise, exactly zero for members without noise and for dead members.
 
         seed schedule: U(-1, 1) * mean|w| of the weight's parameter * grad_noise (the seed's recipe);
         annealed: N(0, grad_noise / step^0.55) (Neelakantan et al. 2015).
@@ -262,15 +234,19 @@ class Population:
         h = self.hyper
         noisy = h["grad_noise"] * live
         step_u32 = tf.cast(step, tf.uint32)
-        noise = tf.zeros_like(self.theta)
-        if uses.seeded_noise:
+        noise: tf.Tensor | None = None
+        if parts.seeded_noise:
             seeded = noisy * (1.0 - h["annealed"])
             mean_abs = tf.matmul(tf.abs(self.theta) * self.real_mask, self.param_of) / tf.maximum(self.real_counts, 1)
-            scale = tf.matmul(mean_abs * seeded[:, None], self.param_of, transpose_b=True)
-            noise = symmetric(self.seeds, step_u32, self.ids) * scale
-        if uses.annealed_noise:
+            # where, not a product: a dead member's weights may be inf, and inf * 0 would be NaN
+            scale = tf.where(seeded[:, None] > 0, mean_abs * seeded[:, None], 0.0)
+            noise = symmetric(self.seeds, step_u32, self.ids) * tf.matmul(scale, self.param_of, transpose_b=True)
+        if parts.annealed_noise:
             std = tf.sqrt(noisy * h["annealed"] / tf.pow(tf.cast(step, tf.float32), ANNEAL_GAMMA))
-            noise += gaussian(self.seeds, step_u32, self.ids) * std[:, None]
+            annealed = gaussian(self.seeds, step_u32, self.ids) * std[:, None]
+            noise = annealed if noise is None else noise + annealed
+        if noise is None:
+            return tf.zeros_like(self.theta)
         return noise * self.train_mask
 
     def _clip(self, g: tf.Tensor) -> tf.Tensor:
@@ -292,26 +268,26 @@ class Population:
         self.adam_v.assign(v)
         return (m / (1 - ADAM_BETA1**t)) / (tf.sqrt(v / (1 - ADAM_BETA2**t)) + ADAM_EPSILON)
 
-    def _update(self, g: tf.Tensor, uses: Uses) -> tf.Tensor:
+    def _update(self, g: tf.Tensor, parts: StepParts) -> tf.Tensor:
         """Each optimizer's slot arithmetic is several passes over every weight: only the ones in use are traced."""
-        if uses.adam == "all":
+        if parts.adam == "all":
             return self._adam_update(g)
-        if uses.adam == "some":
+        if parts.adam == "some":
             return tf.where(self.hyper["adam"][:, None] > 0.5, self._adam_update(g), self._momentum_update(g))
         return self._momentum_update(g)
 
     # --- compiled epochs -----------------------------------------------------------------------------------
 
     def train_epoch(self) -> dict[str, tf.Tensor]:
-        """One pass over the training stream, compiled (with XLA when `uses_xla` says so) for the loaded members'
-        `Uses`."""
-        uses = self.uses
-        if uses not in self._train_epochs:
-            graph = functools.partial(self._train_epoch_graph, uses)
-            self._train_epochs[uses] = tf.function(graph, jit_compile=self.xla, autograph=False)
-        return self._train_epochs[uses]()
+        """One pass over the training stream, compiled (with XLA when `uses_xla` says so) with the optional parts the
+        loaded members need (`StepParts`): one compiled epoch per combination."""
+        parts = self.parts
+        if parts not in self._train_epochs:
+            graph = functools.partial(self._train_epoch_graph, parts)
+            self._train_epochs[parts] = tf.function(graph, jit_compile=self.xla, autograph=False)
+        return self._train_epochs[parts]()
 
-    def _train_epoch_graph(self, uses: Uses) -> dict[str, tf.Tensor]:
+    def _train_epoch_graph(self, parts: StepParts) -> dict[str, tf.Tensor]:
         """One pass over the training stream; returns per-member means for the epoch's diagnostics.
 
         A member whose loss or gradient turns non-finite is marked dead at that step and never updated again;
@@ -349,7 +325,7 @@ class Population:
                 total = tf.reduce_sum(tf.where(tf.math.is_finite(loss), loss, 0.0))
             if self.stateful:
                 state = [(tf.stop_gradient(a), tf.stop_gradient(b)) for a, b in carried]
-            finite, group_sq, grad_sq, noise_sq = self._apply(tape.gradient(total, theta), loss, uses)
+            finite, group_sq, grad_sq, noise_sq = self._apply(tape.gradient(total, theta), loss, parts)
             loss_sum, group_sums, ratio_sum = sums
             sums = (
                 loss_sum + tf.where(finite, loss, 0.0),
@@ -366,7 +342,9 @@ class Population:
         n = float(steps)
         return {"train_loss": loss_sum / n, "grad_norms": group_sums / n, "noise_to_grad": ratio_sum / n}
 
-    def _apply(self, grad: tf.Tensor, loss: tf.Tensor, uses: Uses) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _apply(
+        self, grad: tf.Tensor, loss: tf.Tensor, parts: StepParts
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """Everything after the gradient: divergence check, noise, clipping, the optimizer, the diagnostics."""
         p = self.members
         h = self.hyper
@@ -380,12 +358,12 @@ class Population:
         live = tf.cast(self.alive, tf.float32)
         g = tf.where(self.alive[:, None], g, 0.0)
         noise_sq = tf.zeros((p,))
-        if uses.noise:
-            noise = self._noise(live, self.step, uses)
+        if parts.noise:
+            noise = self._noise(live, self.step, parts)
             g, noise_sq = g + noise, tf.reduce_sum(tf.square(noise), axis=1)
-        if uses.clip:
+        if parts.clip:
             g = self._clip(g)
-        self.theta.assign_sub((h["learning_rate"] * live)[:, None] * self._update(g, uses))
+        self.theta.assign_sub((h["learning_rate"] * live)[:, None] * self._update(g, parts))
         return finite, group_sq, grad_sq, noise_sq
 
     def _evaluate_graph(self) -> dict[str, tf.Tensor]:

@@ -19,6 +19,7 @@ from lstm_sweep import metrics
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.errors import ConfigError
 from lstm_sweep.metrics import WEIGHT_GROUPS, Measures, Thresholds
+from lstm_sweep.step_parts import StepParts
 from lstm_sweep.tasks import SequenceData, build_data
 
 if TYPE_CHECKING:
@@ -68,9 +69,9 @@ def graph_shape(data: SequenceData, layout: TrialConfig) -> tuple[Any, ...]:
 
 
 def lone_graph_key(config: TrialConfig) -> tuple[Any, ...]:
-    """The compiled graph a run trains on alone: runs with equal keys reuse one, so a worker that trains them all
-    compiles it once (`Population.shape_key` for one member)."""
-    return (*graph_shape(build_data(config), config), config.state_size)
+    """The compiled epoch a run trains on alone: runs with equal keys reuse one, so a worker that trains them all
+    compiles it once (`population_graph_key` for one member, without building TensorFlow's side)."""
+    return (*graph_shape(build_data(config), config), config.state_size, StepParts.of([config]))
 
 
 class TrainerCallback:
@@ -187,19 +188,34 @@ def _hidden_spread(hidden: np.ndarray, units: int) -> float:
 _POPULATIONS: dict[tuple[Any, ...], Population] = {}
 
 
-def _population_for(configs: Sequence[TrialConfig], layout_runs: int) -> Population:
+def _population_shape(
+    configs: Sequence[TrialConfig], layout_runs: int
+) -> tuple[SequenceData, int, bool, tuple[Any, ...]]:
+    """The data, padded size, XLA choice and `Population.shape_key` of the population that trains `configs`."""
     from lstm_sweep.population import Population, uses_xla
 
     layout = configs[0]
     max_units = max(c.state_size for c in configs)
     data = build_data(layout)
     xla = uses_xla(layout, max(layout_runs, len(configs)))
-    key = Population.shape_key(data, layout, len(configs), max_units, xla)
+    return data, max_units, xla, Population.shape_key(data, layout, len(configs), max_units, xla)
+
+
+def population_graph_key(configs: Sequence[TrialConfig], layout_runs: int = 1) -> tuple[Any, ...]:
+    """The compiled epoch `train_population(configs, layout_runs=...)` trains on: equal keys share one compile (one
+    set of variables per shape, one compiled epoch per shape and `StepParts`)."""
+    return (*_population_shape(configs, layout_runs)[3], StepParts.of(configs))
+
+
+def _population_for(configs: Sequence[TrialConfig], layout_runs: int) -> Population:
+    from lstm_sweep.population import Population
+
+    data, max_units, xla, key = _population_shape(configs, layout_runs)
     pop = _POPULATIONS.get(key)
     if pop is None:
         if len(_POPULATIONS) > 32:
             _POPULATIONS.clear()
-        pop = Population(data, layout, len(configs), max_units, xla=xla)
+        pop = Population(data, configs[0], len(configs), max_units, xla=xla)
         _POPULATIONS[key] = pop
     pop.use_data(data)
     return pop
