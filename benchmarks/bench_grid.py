@@ -9,7 +9,7 @@ Both sides run under lstm-sweep's thread settings, as bench_trials.py's do (one 
 
 Population side: every run of the grid (configurations x replicates), grouped as the sweep groups them (a data
 layout and a state size, `driver.population_key`), each group trained by `train_population` with the sweep's XLA
-choice. The first call of each compiled epoch includes its XLA compile (this process does not turn on the
+choice and step parts. The first call of each compiled epoch includes its XLA compile (this process does not turn on the
 persistent XLA cache), as a first sweep on one worker pays it; that group is then trained a second time, to report
 the figure without compiles too.
 
@@ -48,7 +48,7 @@ from sweep_timing import timed_run
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.driver import population_key
 from lstm_sweep.executor import configure_threads
-from lstm_sweep.spec import load_sweep
+from lstm_sweep.spec import SweepSpec, load_sweep
 from lstm_sweep.tasks import build_data
 from lstm_sweep.train import population_graph_key, train_population
 
@@ -110,9 +110,8 @@ class Group:
         }
 
 
-def grid_groups(sweep: Path) -> list[Group]:
+def grid_groups(spec: SweepSpec) -> list[Group]:
     """Every run the sweep file plans, grouped by population key, in the grid's order."""
-    spec = load_sweep(sweep)
     groups: dict[tuple[Any, ...], Group] = {}
     for cell in spec.grid_cells():
         for replicate in range(spec.replicates):
@@ -139,17 +138,19 @@ def main() -> None:
 
     configure_threads(inter_op=2)  # as `lstm-sweep run` sets them in one process; they hold for Keras too
     peak = matmul_gflops()
-    groups = grid_groups(args.sweep)
+    spec = load_sweep(args.sweep)
+    groups = grid_groups(spec)
+    parts = spec.step_parts()  # as the sweep compiles its epochs
     runs = sum(len(g.configs) for g in groups)
     chooser = random.Random(args.seed)
     compiled: set[tuple[object, ...]] = set()
     started = time.perf_counter()
     for i, group in enumerate(groups, 1):
-        group.population_s = once(lambda g=group: train_population(g.configs, layout_runs=runs))
-        graph = population_graph_key(group.configs, runs)
+        group.population_s = once(lambda g=group: train_population(g.configs, layout_runs=runs, parts=parts))
+        graph = population_graph_key(group.configs, runs, parts)
         if graph not in compiled:
             compiled.add(graph)
-            group.population_again_s = once(lambda g=group: train_population(g.configs, layout_runs=runs))
+            group.population_again_s = once(lambda g=group: train_population(g.configs, layout_runs=runs, parts=parts))
         for setting, members in group.settings.items():
             timed = members if per_setting is None else chooser.sample(members, min(per_setting, len(members)))
             group.keras_timed[setting] = [keras_trial(c) for c in timed]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lstm_sweep.config import TrialConfig
@@ -9,9 +10,14 @@ from lstm_sweep.driver import Proposal, group_lone_runs, jobs_for
 from lstm_sweep.executor import Job, JobFailed, run_job
 from lstm_sweep.metrics import Thresholds
 from lstm_sweep.population import XLA_MIN_RUNS, uses_xla
-from lstm_sweep.train import _population_for, population_graph_key, train
+from lstm_sweep.step_parts import StepParts
+from lstm_sweep.train import TrialResult, _population_for, population_graph_key, train
 
 TINY = TrialConfig(stream_length=240, epochs=2)
+
+
+def curve(result: TrialResult, key: str) -> np.ndarray:
+    return np.array([r[key] for r in result.history], dtype=np.float64)
 
 
 def test_a_worker_can_draw_each_runs_curves_ahead_for_tracking() -> None:
@@ -73,15 +79,22 @@ def test_lone_runs_group_by_the_graph_they_train_on(changes: dict[str, object], 
     "changes",
     [{"grad_noise": 0.0}, {"optimizer": "adam"}, {"grad_clip": 1.0}, {"grad_noise_schedule": "annealed"}],
 )
-def test_lone_runs_that_need_other_step_parts_go_apart(changes: dict[str, object]) -> None:
-    """Their shapes match, so the trainer keeps one set of variables for both, but each needs its own compiled
-    epoch (`StepParts`): a worker holding both would compile twice."""
-    base = TINY.replace(input_encoding="raw", output_framing="regression")
-    group = [Proposal(None, {}, str(i), [c]) for i, c in enumerate([base, base.replace(**changes)])]  # type: ignore[arg-type]
-    assert [len(g) for g in group_lone_runs(group)] == [1, 1]
-    first, second = (_population_for(p.configs, layout_runs=576) for p in group)
-    assert first is second
-    assert population_graph_key(group[0].configs, 576) != population_graph_key(group[1].configs, 576)
+def test_lone_runs_that_need_other_step_parts_share_the_sweeps_epoch(changes: dict[str, object]) -> None:
+    """Alone, each would compile its own epoch (`StepParts`); a sweep gives all its jobs the parts any run may need,
+    so they go to one worker and share one compile, and each trains as it would alone."""
+    base = TINY.replace(input_encoding="raw", output_framing="regression", grad_noise=0.01)
+    configs = [base, base.replace(**changes)]
+    group = [Proposal(None, {}, str(i), [c]) for i, c in enumerate(configs)]  # type: ignore[arg-type]
+    assert [len(g) for g in group_lone_runs(group)] == [2]
+    parts = StepParts.of(configs)
+    assert population_graph_key([configs[0]], 576) != population_graph_key([configs[1]], 576)
+    assert population_graph_key([configs[0]], 576, parts) == population_graph_key([configs[1]], 576, parts)
+    lone = run_job(Job(configs, together=False, parts=parts), Thresholds())
+    assert not isinstance(lone, JobFailed)
+    for config, result in zip(configs, lone, strict=True):
+        alone = train(config)
+        for key in alone.history[0]:
+            np.testing.assert_allclose(curve(result, key), curve(alone, key), rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_lone_runs_of_a_job_equal_training_each_alone() -> None:

@@ -16,6 +16,7 @@ from lstm_sweep.config import FACTORS, TrialConfig
 from lstm_sweep.errors import ConfigError, SweepFileError
 from lstm_sweep.metrics import EPOCH_METRICS
 from lstm_sweep.spec import Domain, SweepSpec, load_sweep, mask_url, parse_sweep
+from lstm_sweep.step_parts import StepParts
 
 DATA = Path(__file__).parent / "data"
 SOURCE = "plateau.yaml"
@@ -572,6 +573,34 @@ def test_huge_grid_message() -> None:
 
 
 # --- grid, suggest, configs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (BASE, StepParts(seeded_noise=True)),  # noise 0 or 0.01, seed schedule by default
+        (doc(factors={"grad_noise": {"values": [0.0]}}), StepParts()),
+        (doc(factors={"learning_rate": {"values": [0.1]}}), StepParts(seeded_noise=True)),  # the default noise
+        (doc(fixed={"optimizer": "adam"}), StepParts(adam="all", seeded_noise=True)),
+        (with_factors(optimizer={"values": ["momentum", "adam"]}), StepParts(adam="some", seeded_noise=True)),
+        (
+            with_factors(grad_noise_schedule={"values": ["seed", "annealed"]}),
+            StepParts(seeded_noise=True, annealed_noise=True),
+        ),
+        (doc(fixed={"grad_noise_schedule": "annealed"}), StepParts(annealed_noise=True)),
+        (  # a range without step, sampled at random: its ends
+            {**with_factors(grad_clip={"low": 0.0, "high": 5.0}), "sampler": "random", "trials": 4},
+            StepParts(seeded_noise=True, clip=True),
+        ),
+        (with_factors(grad_noise={"low": 0.0, "high": 0.1, "step": 0.05}), StepParts(seeded_noise=True)),
+    ],
+)
+def test_step_parts_cover_every_configuration_the_sweep_may_train(data: Doc, expected: StepParts) -> None:
+    spec = parse(data)
+    assert spec.step_parts() == expected
+    if spec.sampler == "grid" and all(fs.domain is None or fs.domain.is_enumerable for fs in spec.varied()):
+        configs = [spec.config_for(cell, 0) for cell in spec.grid_cells()]
+        assert StepParts.of(configs) == expected  # exactly what the grid's configurations need
 
 
 def test_grid_cells_collapse_momentum_for_adam() -> None:

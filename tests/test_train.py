@@ -396,6 +396,13 @@ def test_a_population_reloaded_with_other_step_parts_trains_them(xla: bool) -> N
         assert change_norms(plain, run)[0] > 1e-4  # and the mate's own part acted
 
 
+def test_a_population_refuses_step_parts_its_members_would_lack(pop4: Population) -> None:
+    with pytest.raises(ValueError, match="lack"):
+        pop4.load([ADAM, QUIET], StepParts())
+    pop4.load([QUIET, QUIET], StepParts(adam="some", clip=True))  # more than needed is fine: a sweep's parts
+    assert pop4.parts == StepParts(adam="some", clip=True)
+
+
 def test_seq_len_one_leaves_the_recurrent_kernel_idle() -> None:
     """One step from a zero state: the recurrent kernel cannot reach the output, so it is not trained (no update,
     no noise) and no value of it changes the outputs. With a carried state it is trained."""

@@ -36,6 +36,7 @@ from lstm_sweep.config import FACTORS, SEED_CONFIG, TrialConfig
 from lstm_sweep.errors import ConfigError
 from lstm_sweep.files import write_atomic
 from lstm_sweep.metrics import SKILL_FLOOR, VERDICTS, Thresholds
+from lstm_sweep.step_parts import StepParts
 from lstm_sweep.tasks import SequenceData, build_data
 from lstm_sweep.train import TrialResult, layout_key, train_population
 
@@ -609,6 +610,10 @@ class NeighbourhoodSpec:
             raise ConfigError("replicate", replicate, f"an integer in 0..{self.replicates - 1}", self.source)
         change = self.change(str(params["change"]))
         return self.base.replace(**change.factors, seed=self.seed + replicate)
+
+    def step_parts(self) -> StepParts:
+        """The optional step parts any of the neighbourhood's configurations needs (`SweepSpec.step_parts`)."""
+        return StepParts.of([self.config_for(cell, 0) for cell in self.grid_cells()])
 
     def sampler_for(self) -> optuna.samplers.BaseSampler:
         """Never asked to sample: the driver enqueues every grid cell itself."""

@@ -36,6 +36,7 @@ from lstm_sweep.executor import Executor, Job, JobFailed, Outcome, make_executor
 from lstm_sweep.locks import StudyLock, engine_url, ensure_local_store
 from lstm_sweep.metrics import floor_skill
 from lstm_sweep.spec import SweepSpec, mask_url
+from lstm_sweep.step_parts import StepParts
 from lstm_sweep.train import TrialResult, layout_key, lone_graph_key
 
 HEARTBEAT_SECONDS = 30  # override with LSTM_SWEEP_HEARTBEAT_SECONDS
@@ -374,7 +375,9 @@ def group_lone_runs(proposals: Sequence[Proposal]) -> list[list[Proposal]]:
     return list(groups.values())
 
 
-def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int, pieces: int = 1) -> list[Job]:
+def jobs_for(
+    group: Sequence[Proposal], population: bool, sweep_runs: int, pieces: int = 1, parts: StepParts | None = None
+) -> list[Job]:
     """One job with every replicate of every trial in the group: a population, or (population off) lone runs
     trained one after another, split into `pieces` jobs to keep that many workers busy.
 
@@ -383,13 +386,13 @@ def jobs_for(group: Sequence[Proposal], population: bool, sweep_runs: int, piece
     worker's gain. Each job carries the runs the whole sweep file plans (`sweep_runs`) as its layout's run count,
     which decides XLA (`population.uses_xla`): the count is the same in every batch, resumed or not, on any
     worker, so whether a trial's graph is compiled by XLA (which rounds differently) never depends on how the
-    batches fell.
+    batches fell. For the same reason every job gets the sweep's `parts` (`SweepSpec.step_parts`).
     """
     configs = [c for p in group for c in p.configs]
     if population:
-        return [Job(configs, sweep_runs)]
+        return [Job(configs, sweep_runs, parts=parts)]
     size = -(-len(configs) // min(max(pieces, 1), len(configs)))  # ceiling division
-    return [Job(configs[i : i + size], sweep_runs, together=False) for i in range(0, len(configs), size)]
+    return [Job(configs[i : i + size], sweep_runs, together=False, parts=parts) for i in range(0, len(configs), size)]
 
 
 def split_results(group: Sequence[Proposal], outcomes: Sequence[Outcome]) -> list[list[TrialResult]] | JobFailed:
@@ -625,6 +628,7 @@ def run_sweep(
         # proposal learns from the last result; the batches themselves are the same either way (`remaining_trials`
         # counts queued trials as taken), so the same trials train with the same numbers.
         ahead = 2 if workers > 1 and spec.sampler != "tpe" else 1
+        parts = spec.step_parts()  # one compiled epoch per shape, whichever runs share a job
 
         def plan_batch() -> Batch | None:
             """Propose the next batch, group it, hand its jobs to the executor; None when nothing is left."""
@@ -651,7 +655,7 @@ def run_sweep(
             # Longest first: with several workers the batch then ends close to when its total work does.
             groups.sort(key=lambda g: -sum(relative_cost(c) for p in g for c in p.configs))
             pieces = -(-workers // len(groups))  # enough lone-run jobs for every worker
-            job_groups = [jobs_for(group, population, spec.n_runs(), pieces) for group in groups]
+            job_groups = [jobs_for(group, population, spec.n_runs(), pieces, parts) for group in groups]
             with counter_lock:
                 queued["trials"] += sum(len(group) for group in groups)
             return Batch(

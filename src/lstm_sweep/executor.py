@@ -17,6 +17,7 @@ from typing import Protocol
 
 from lstm_sweep.config import TrialConfig
 from lstm_sweep.metrics import Thresholds
+from lstm_sweep.step_parts import StepParts
 from lstm_sweep.train import TrialResult, train_population
 
 
@@ -28,6 +29,7 @@ class Job:
     configs: list[TrialConfig]
     layout_runs: int = 1
     together: bool = True  # one population; else each configuration alone, one after another on one graph
+    parts: StepParts | None = None  # the optional step parts to compile (a sweep's, `SweepSpec.step_parts`)
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,12 @@ def run_job(job: Job, thresholds: Thresholds, render_curves: bool = False) -> Ou
     parallel work taken off the single writer thread, which otherwise trails the workers at the end)."""
     try:
         if job.together:
-            results = train_population(job.configs, thresholds=thresholds, layout_runs=job.layout_runs)
+            results = train_population(job.configs, thresholds=thresholds, layout_runs=job.layout_runs, parts=job.parts)
         else:
-            runs = job.layout_runs
-            results = [train_population([c], thresholds=thresholds, layout_runs=runs)[0] for c in job.configs]
+            runs, parts = job.layout_runs, job.parts
+            results = [
+                train_population([c], thresholds=thresholds, layout_runs=runs, parts=parts)[0] for c in job.configs
+            ]
         if render_curves:
             from lstm_sweep.curves import curve_png
 

@@ -180,8 +180,9 @@ class Population:
 
     # --- loading -----------------------------------------------------------------------------------------
 
-    def load(self, configs: Sequence[TrialConfig]) -> None:
-        """Reset every variable to the given members' initial state."""
+    def load(self, configs: Sequence[TrialConfig], parts: StepParts | None = None) -> None:
+        """Reset every variable to the given members' initial state; the epoch compiles `parts` (default: the ones
+        the members need; asking for fewer is an error)."""
         if len(configs) != self.members:
             raise ValueError(f"population of {self.members} loaded with {len(configs)} configurations")
         masks = [param_masks(self.arch, c.state_size) for c in configs]
@@ -208,7 +209,10 @@ class Population:
         }
         for key, vals in values.items():
             self.hyper[key].assign(np.asarray(vals, np.float32))
-        self.parts = StepParts.of(configs)
+        needed = StepParts.of(configs)
+        if parts is not None and parts.union(needed) != parts:
+            raise ValueError(f"step parts {parts} lack some the members need ({needed})")
+        self.parts = needed if parts is None else parts
         self.seeds.assign(np.asarray([c.seed for c in configs], np.uint32))
         units = np.arange(self.arch.max_units)
         self.unit_mask.assign(np.stack([units < c.state_size for c in configs]).astype(np.float32))

@@ -40,6 +40,7 @@ import yaml
 from lstm_sweep.config import FACTORS, SETTINGS, Factor, TrialConfig
 from lstm_sweep.errors import ConfigError, SweepFileError
 from lstm_sweep.metrics import DEFAULT_EPOCH_METRICS, EPOCH_METRICS, Thresholds
+from lstm_sweep.step_parts import StepParts
 
 __all__ = [
     "MAX_GRID_CELLS",
@@ -276,6 +277,21 @@ class SweepSpec:
         values.update({fs.name: fs.value for fs in self.factors if fs.role == "fixed"})
         return values
 
+    def step_parts(self) -> StepParts:
+        """The optional step parts (Adam, noise schedules, clipping) any configuration of this sweep may need: the
+        combinations of the values its optimizer, noise and clipping may take (a range by its ends)."""
+        fixed = self.fixed_values()
+        varied = {fs.name: fs.domain for fs in self.varied() if fs.domain is not None}
+        options: dict[str, list[Any]] = {}
+        for name in STEP_PART_FACTORS:
+            domain = varied.get(name)
+            if domain is None:
+                options[name] = [fixed.get(name, getattr(TrialConfig, name))]
+            else:
+                options[name] = domain.enumerate() if domain.is_enumerable else [domain.low, domain.top]
+        combos = itertools.product(*options.values())
+        return StepParts.of([TrialConfig().replace(**dict(zip(options, combo, strict=True))) for combo in combos])
+
     def _fixed_optimizer(self) -> str:
         return str(self.fixed_values().get("optimizer", DEFAULT_OPTIMIZER))
 
@@ -393,6 +409,9 @@ def _suggest_one(trial: optuna.trial.BaseTrial, name: str, domain: Domain, facto
 # --- URL masking
 
 _PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@?#\s]*:)(?P<password>\S+)(?P<tail>@)")
+
+
+STEP_PART_FACTORS = ("optimizer", "grad_noise", "grad_noise_schedule", "grad_clip")
 
 
 def mask_url(text: str) -> str:

@@ -2,8 +2,9 @@
 
 A population's epoch is traced with only the parts its members need. Written as conditions inside the step, XLA
 turned the cheap branches into selects and computed both (measured, 64 members at seq_len 8 with 64 units, momentum
-only: Adam's arithmetic ran anyway). The parts are part of what decides a compiled graph, so they live here, free of
-TensorFlow, where the driver can group lone runs by them without importing it.
+only: Adam's arithmetic ran anyway). A sweep trains every job with the parts any of its configurations may need
+(`SweepSpec.step_parts`): a worker then compiles one epoch per shape, and a run's arithmetic does not depend on
+which runs share its job or batch.
 """
 
 from __future__ import annotations
@@ -41,3 +42,12 @@ class StepParts:
     @property
     def noise(self) -> bool:
         return self.seeded_noise or self.annealed_noise
+
+    def union(self, other: StepParts) -> StepParts:
+        """The parts either needs: what a compiled epoch must hold to serve both."""
+        return StepParts(
+            adam=self.adam if self.adam == other.adam else "some",
+            seeded_noise=self.seeded_noise or other.seeded_noise,
+            annealed_noise=self.annealed_noise or other.annealed_noise,
+            clip=self.clip or other.clip,
+        )

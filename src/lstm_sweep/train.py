@@ -70,8 +70,8 @@ def graph_shape(data: SequenceData, layout: TrialConfig) -> tuple[Any, ...]:
 
 def lone_graph_key(config: TrialConfig) -> tuple[Any, ...]:
     """The compiled epoch a run trains on alone: runs with equal keys reuse one, so a worker that trains them all
-    compiles it once (`population_graph_key` for one member, without building TensorFlow's side)."""
-    return (*graph_shape(build_data(config), config), config.state_size, StepParts.of([config]))
+    compiles it once (`Population.shape_key` for one member; a sweep gives all its jobs the same step parts)."""
+    return (*graph_shape(build_data(config), config), config.state_size)
 
 
 class TrainerCallback:
@@ -201,10 +201,18 @@ def _population_shape(
     return data, max_units, xla, Population.shape_key(data, layout, len(configs), max_units, xla)
 
 
-def population_graph_key(configs: Sequence[TrialConfig], layout_runs: int = 1) -> tuple[Any, ...]:
-    """The compiled epoch `train_population(configs, layout_runs=...)` trains on: equal keys share one compile (one
-    set of variables per shape, one compiled epoch per shape and `StepParts`)."""
-    return (*_population_shape(configs, layout_runs)[3], StepParts.of(configs))
+def population_graph_key(
+    configs: Sequence[TrialConfig], layout_runs: int = 1, parts: StepParts | None = None
+) -> tuple[Any, ...]:
+    """The compiled epoch `train_population(configs, layout_runs=..., parts=...)` trains on: equal keys share one
+    compile (one set of variables per shape, one compiled epoch per shape and step parts)."""
+    return (*_population_shape(configs, layout_runs)[3], parts_for(configs, parts))
+
+
+def parts_for(configs: Sequence[TrialConfig], parts: StepParts | None) -> StepParts:
+    """The step parts a population compiles: those asked for, and whatever its members need besides."""
+    needed = StepParts.of(configs)
+    return needed if parts is None else parts.union(needed)
 
 
 def _population_for(configs: Sequence[TrialConfig], layout_runs: int) -> Population:
@@ -226,12 +234,15 @@ def train_population(
     callbacks: Sequence[TrainerCallback] = (),
     thresholds: Thresholds | None = None,
     layout_runs: int = 1,
+    parts: StepParts | None = None,
 ) -> list[TrialResult]:
     """Train configurations that share one data layout together; one result per configuration, in order.
 
     layout_runs: how many runs of this layout the caller will train with one graph, these included (a sweep
     passes the runs its file plans); with many, the graph is compiled by XLA, which costs more up front and less
     per run (`population.uses_xla`).
+    parts: optional step parts to compile besides those the members need (a sweep passes what any of its runs
+    may need, so that its runs of one shape share one compiled epoch).
     """
     if not configs:
         return []
@@ -243,7 +254,7 @@ def train_population(
             raise ConfigError("population", diff, "members that share " + ", ".join(LAYOUT_FIELDS))
     started = time.perf_counter()
     pop = _population_for(configs, layout_runs)
-    pop.load(configs)
+    pop.load(configs, parts_for(configs, parts))
     data = pop.data
     reference = Reference.of(data, pop.regression)
     histories: list[list[dict[str, float]]] = [[] for _ in configs]
