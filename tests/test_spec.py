@@ -593,6 +593,17 @@ def test_huge_grid_message() -> None:
             StepParts(seeded_noise=True, clip=True),
         ),
         (with_factors(grad_noise={"low": 0.0, "high": 0.1, "step": 0.05}), StepParts(seeded_noise=True)),
+        (  # fine steps: a million values each, counted by their ends (a product of them would never finish)
+            {
+                **with_factors(
+                    grad_noise={"low": 0.0, "high": 1.0, "step": 1e-6},
+                    grad_clip={"low": 0.0, "high": 1.0, "step": 1e-6},
+                ),
+                "sampler": "random",
+                "trials": 4,
+            },
+            StepParts(seeded_noise=True, clip=True),
+        ),
     ],
 )
 def test_step_parts_cover_every_configuration_the_sweep_may_train(data: Doc, expected: StepParts) -> None:

@@ -1178,8 +1178,10 @@ def run_diagnosis(
             original = [found[i] for i in range(len(wanted))]
         elif interrupted:
             raise KeyboardInterrupt  # Ctrl-C before the original finished: nothing to diagnose yet
-        else:  # its runs were tracked by an earlier call: train them again (deterministic), untracked
-            original = train_population(wanted, thresholds=spec.thresholds)
+        else:  # its runs were tracked by an earlier call: train them again, untracked, as the sweep trained them
+            original = train_population(
+                wanted, thresholds=spec.thresholds, layout_runs=spec.n_runs(), parts=spec.step_parts()
+            )
         data = build_data(wanted[0])
         diagnosis = Diagnosis(
             name=spec.name,

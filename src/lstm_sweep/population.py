@@ -283,8 +283,8 @@ class Population:
     # --- compiled epochs -----------------------------------------------------------------------------------
 
     def train_epoch(self) -> dict[str, tf.Tensor]:
-        """One pass over the training stream, compiled (with XLA when `uses_xla` says so) with the optional parts the
-        loaded members need (`StepParts`): one compiled epoch per combination."""
+        """One pass over the training stream, compiled (with XLA when `uses_xla` says so) with the step parts `load`
+        set (what the members need, or a sweep's larger set): one compiled epoch per combination."""
         parts = self.parts
         if parts not in self._train_epochs:
             graph = functools.partial(self._train_epoch_graph, parts)

@@ -82,6 +82,7 @@ DEFINITION_KEYS = ("role", "values", "low", "high", "log", "step", "value")
 FIXED_KEYS = (*FACTORS, *(name for name in SETTINGS if name != "seed"), "text_path")
 THRESHOLD_KEYS = tuple(f.name for f in dataclasses.fields(Thresholds))
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
+STEP_PART_FACTORS = ("optimizer", "grad_noise", "grad_noise_schedule", "grad_clip")  # what decides `StepParts`
 DEFAULT_OPTIMIZER: str = TrialConfig.optimizer
 # Factor order used everywhere (grid cells, suggest): the table order, with optimizer moved before momentum so
 # that the conditional momentum can look at the optimizer already chosen.
@@ -279,7 +280,9 @@ class SweepSpec:
 
     def step_parts(self) -> StepParts:
         """The optional step parts (Adam, noise schedules, clipping) any configuration of this sweep may need: the
-        combinations of the values its optimizer, noise and clipping may take (a range by its ends)."""
+        combinations of the values its optimizer, noise and clipping may take. A range counts by its ends, which
+        is enough (only whether noise and clipping are above 0 matters, and ranges start at 0 or more) and keeps
+        a fine-stepped range from becoming millions of combinations."""
         fixed = self.fixed_values()
         varied = {fs.name: fs.domain for fs in self.varied() if fs.domain is not None}
         options: dict[str, list[Any]] = {}
@@ -288,7 +291,7 @@ class SweepSpec:
             if domain is None:
                 options[name] = [fixed.get(name, getattr(TrialConfig, name))]
             else:
-                options[name] = domain.enumerate() if domain.is_enumerable else [domain.low, domain.top]
+                options[name] = sorted(set(domain.values), key=str) if domain.values else [domain.low, domain.top]
         combos = itertools.product(*options.values())
         return StepParts.of([TrialConfig().replace(**dict(zip(options, combo, strict=True))) for combo in combos])
 
@@ -409,9 +412,6 @@ def _suggest_one(trial: optuna.trial.BaseTrial, name: str, domain: Domain, facto
 # --- URL masking
 
 _PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@?#\s]*:)(?P<password>\S+)(?P<tail>@)")
-
-
-STEP_PART_FACTORS = ("optimizer", "grad_noise", "grad_noise_schedule", "grad_clip")
 
 
 def mask_url(text: str) -> str:

@@ -210,7 +210,9 @@ def population_graph_key(
 
 
 def parts_for(configs: Sequence[TrialConfig], parts: StepParts | None) -> StepParts:
-    """The step parts a population compiles: those asked for, and whatever its members need besides."""
+    """The step parts a population compiles: those asked for, and whatever its members need besides (a sweep's
+    parts cover its runs, so there this adds nothing; were one missing, the run would still train correctly, on a
+    compiled epoch of its own)."""
     needed = StepParts.of(configs)
     return needed if parts is None else parts.union(needed)
 
