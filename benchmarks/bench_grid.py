@@ -56,7 +56,8 @@ Setting = tuple[str, float | None]  # what Keras's optimizer builds: (optimizer,
 
 
 def optimizer_setting(config: TrialConfig) -> Setting:
-    return (config.optimizer, None if config.optimizer == "adam" else config.momentum)
+    values = config.factor_values()  # momentum None where the optimizer ignores it
+    return (values["optimizer"], values["momentum"])
 
 
 @dataclass

@@ -249,8 +249,7 @@ class Population:
             std = tf.sqrt(noisy * h["annealed"] / tf.pow(tf.cast(step, tf.float32), ANNEAL_GAMMA))
             annealed = gaussian(self.seeds, step_u32, self.ids) * std[:, None]
             noise = annealed if noise is None else noise + annealed
-        if noise is None:
-            return tf.zeros_like(self.theta)
+        assert noise is not None, "asked for noise with no noise schedule in the step parts"
         return noise * self.train_mask
 
     def _clip(self, g: tf.Tensor) -> tf.Tensor:
